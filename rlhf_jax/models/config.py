@@ -1,0 +1,83 @@
+"""Architecture description shared by every model family we support."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+FAMILIES = ("gpt2", "llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer.
+
+    `family` selects the block layout: "gpt2" (learned positions, LayerNorm,
+    tanh-GELU MLP, biases everywhere) or "llama" (RoPE, RMSNorm, SwiGLU,
+    grouped-query attention; Qwen2 and Mistral are "llama" with other bias
+    flags). Frozen so it can be a static argument of jitted functions.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # llama3 rope scaling as a sorted tuple of (key, value) pairs (hashable).
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model family {self.family!r} is not supported; use one of {FAMILIES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.family == "gpt2" and self.num_kv_heads != self.num_heads:
+            raise ValueError("the gpt2 family has no grouped-query attention: num_kv_heads must equal num_heads")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def gpt2_config(
+    vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=128, **kw
+) -> ModelConfig:
+    """A GPT-2-architecture config (the family of the demo and the benchmarks)."""
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        head_dim=hidden_size // num_heads,
+        intermediate_size=kw.pop("intermediate_size", 4 * hidden_size),
+        max_position_embeddings=max_position_embeddings,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        **kw,
+    )

@@ -1,0 +1,87 @@
+"""The models users train: a causal LM (optionally with a value head on its
+backbone) and a scalar model (a reward model, or a separate value model)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import Dense, Transformer
+
+
+def last_token_index(mask):
+    """Index of the last real token of each row. mask: int|bool[batch, seq] -> int32[batch].
+
+    Works for left padding, right padding and both; a row with no real token gives 0.
+    """
+    seq = mask.shape[-1]
+    positions = jnp.arange(seq, dtype=jnp.int32)
+    return jnp.max(jnp.where(mask.astype(bool), positions, 0), axis=-1)
+
+
+def gather_last(values, mask):
+    """values: f[batch, seq]; mask: [batch, seq] -> f[batch], the value at the last real token."""
+    idx = last_token_index(mask)
+    return jnp.take_along_axis(values, idx[:, None], axis=-1)[:, 0]
+
+
+class CausalLM(nnx.Module):
+    """A decoder LM; with `value_head=True` also a per-token value on the same backbone.
+
+    The value head starts at zero (so the first values are 0 and the first value
+    loss does not pull the shared trunk around).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, value_head: bool = False):
+        self.cfg = cfg
+        self.backbone = Transformer(cfg, rngs=rngs)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings
+            else Dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, cfg=cfg, rngs=rngs)
+        )
+        self.value_head = (
+            Dense(cfg.hidden_size, 1, use_bias=True, cfg=cfg, rngs=rngs, zero_init=True)
+            if value_head else None
+        )
+
+    def logits(self, hidden):
+        """hidden: f[..., d] -> f32 logits [..., vocab]."""
+        if self.lm_head is None:
+            embed = self.backbone.embed[...].astype(hidden.dtype)
+            return jnp.dot(hidden, embed.T).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def values(self, hidden):
+        """hidden: f[..., d] -> f32 values [...]."""
+        if self.value_head is None:
+            raise ValueError("this CausalLM was built without a value head (value_head=False)")
+        return self.value_head(hidden)[..., 0].astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask, cache=None):
+        """Returns a dict: logits f32[b, s, vocab], values f32[b, s] (with a value head), cache."""
+        hidden, cache = self.backbone(input_ids, attention_mask, cache)
+        out = {"logits": self.logits(hidden), "cache": cache}
+        if self.value_head is not None:
+            out["values"] = self.values(hidden)
+        return out
+
+
+class ScalarModel(nnx.Module):
+    """A backbone with a scalar head: a reward model (read at the last real token)
+    or a separate value model (read at every token). The head is HF's `score`
+    (no bias), so transformers' `*ForSequenceClassification` folders load into it."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, zero_head: bool = False):
+        self.cfg = cfg
+        self.backbone = Transformer(cfg, rngs=rngs)
+        self.score = Dense(cfg.hidden_size, 1, use_bias=False, cfg=cfg, rngs=rngs, zero_init=zero_head)
+
+    def __call__(self, input_ids, attention_mask):
+        """Per-token scalars f32[batch, seq]."""
+        hidden, _ = self.backbone(input_ids, attention_mask)
+        return self.score(hidden)[..., 0].astype(jnp.float32)
+
+    def sequence_scores(self, input_ids, attention_mask):
+        """One score per row, read at its last real token: f32[batch]."""
+        return gather_last(self(input_ids, attention_mask), attention_mask)

@@ -1,0 +1,235 @@
+"""One decoder-only transformer (Flax NNX) for the GPT-2 and Llama/Qwen2/Mistral families.
+
+Left padding is handled here, not by callers: position ids come from the
+attention mask (`cumsum(mask) - 1`), and padded keys are masked out, so a
+left-padded row gives the same logits as the same row without padding.
+
+The KV cache has static shapes: `init_cache` allocates `max_len` slots; a call
+with a cache writes its `S` new keys/values at `cache["index"]` and advances it.
+Prefill is a call with the whole prompt, decoding a call with one token.
+
+Use the modules functionally: `graphdef, params = nnx.split(model)` and
+`nnx.merge(graphdef, params)(...)` inside `jax.jit` (see `rlhf_jax.models.apply`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+
+_INIT_STD = 0.02
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel stored (in, out) like GPT-2's Conv1D."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, cfg: ModelConfig,
+                 rngs: nnx.Rngs, zero_init: bool = False):
+        shape = (in_features, out_features)
+        if zero_init:
+            kernel = jnp.zeros(shape, cfg.weight_dtype)
+        else:
+            kernel = _INIT_STD * jax.random.normal(rngs.params(), shape, cfg.weight_dtype)
+        self.kernel = nnx.Param(kernel)
+        self.bias = nnx.Param(jnp.zeros((out_features,), cfg.weight_dtype)) if use_bias else None
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """LayerNorm (gpt2) or RMSNorm (llama), computed in f32."""
+
+    def __init__(self, dim: int, cfg: ModelConfig):
+        self.rms = cfg.family == "llama"
+        self.eps = cfg.norm_eps
+        self.dtype = cfg.compute_dtype
+        self.scale = nnx.Param(jnp.ones((dim,), cfg.weight_dtype))
+        self.bias = None if self.rms else nnx.Param(jnp.zeros((dim,), cfg.weight_dtype))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        if self.rms:
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return (self.scale[...].astype(jnp.float32) * y).astype(self.dtype)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+    """Inverse RoPE frequencies, with llama3 scaling when the config has it."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if not cfg.rope_scaling:
+        return inv_freq
+    scaling = dict(cfg.rope_scaling)
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """HF "rotate_half" RoPE. x: [batch, seq, heads, head_dim]; positions: int[batch, seq]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, s, d/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = Dense(d, h * hd, use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.k_proj = Dense(d, kv * hd, use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.v_proj = Dense(d, kv * hd, use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.o_proj = Dense(h * hd, d, use_bias=cfg.o_bias, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq):
+        """x: [b, s, d]; allowed: bool[b, s, t] (t = s, or the cache length)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        if inv_freq is not None:
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        if kv_cache is not None:
+            k_all = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, cache_index, 0, 0))
+            new_cache = (k_all, v_all)
+        else:
+            k_all, v_all, new_cache = k, v, None
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, s, cfg.num_kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, k_all.astype(q.dtype)).astype(jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim)
+        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v_all).reshape(b, s, cfg.num_heads * cfg.head_dim)
+        return self.o_proj(out.astype(cfg.compute_dtype)), new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gated = cfg.family == "llama"
+        if self.gated:
+            self.gate_proj = Dense(d, i, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        self.up_proj = Dense(d, i, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        self.down_proj = Dense(i, d, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x):
+        if self.gated:
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg.hidden_size, cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq):
+        h, new_cache = self.attn(self.attn_norm(x), positions, allowed, kv_cache, cache_index, inv_freq)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache with `max_len` slots per row.
+
+    Returns a pytree: `k`, `v`: tuples (one per layer) of [batch, max_len, kv_heads, head_dim];
+    `key_mask`: bool[batch, max_len] (which slots hold real tokens); `positions`: int32[batch]
+    (real tokens seen so far, the next position id); `index`: int32[] (next slot to write).
+    """
+    dtype = dtype or cfg.compute_dtype
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        "key_mask": jnp.zeros((batch, max_len), bool),
+        "positions": jnp.zeros((batch,), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+class Transformer(nnx.Module):
+    """Embeddings, blocks and the final norm: the backbone every head sits on."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Param(_INIT_STD * jax.random.normal(
+            rngs.params(), (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype))
+        if cfg.family == "gpt2":
+            self.pos_embed = nnx.Param(_INIT_STD * jax.random.normal(
+                rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size), cfg.weight_dtype))
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = Norm(cfg.hidden_size, cfg)
+
+    def __call__(self, input_ids, attention_mask, cache=None):
+        """input_ids, attention_mask: int[batch, seq]. Returns (hidden f[batch, seq, d], new cache or None)."""
+        cfg = self.cfg
+        mask = attention_mask.astype(bool)
+        seq = input_ids.shape[1]
+        offsets = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+        if cache is None:
+            positions = jnp.maximum(offsets, 0)
+            causal = jnp.tril(jnp.ones((seq, seq), bool))
+            allowed = causal[None] & mask[:, None, :]
+            index = None
+        else:
+            index = cache["index"]
+            positions = jnp.maximum(cache["positions"][:, None] + offsets, 0)
+            key_mask = jax.lax.dynamic_update_slice(cache["key_mask"], mask, (0, index))
+            slots = jnp.arange(key_mask.shape[1])
+            causal = slots[None, :] <= (index + jnp.arange(seq))[:, None]
+            allowed = causal[None] & key_mask[:, None, :]
+        x = self.embed[...][input_ids].astype(cfg.compute_dtype)
+        if cfg.family == "gpt2":
+            x = x + self.pos_embed[...][positions].astype(cfg.compute_dtype)
+            inv_freq = None
+        else:
+            inv_freq = rope_inv_freq(cfg)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+            x, layer_cache = layer(x, positions, allowed, layer_cache, index, inv_freq)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        hidden = self.final_norm(x)
+        if cache is None:
+            return hidden, None
+        new_cache = {
+            "k": tuple(new_k),
+            "v": tuple(new_v),
+            "key_mask": key_mask,
+            "positions": cache["positions"] + mask.sum(-1).astype(jnp.int32),
+            "index": index + seq,
+        }
+        return hidden, new_cache

@@ -1,0 +1,50 @@
+"""Small numerical building blocks shared by sampling, the RL core and the trainer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logprobs(logits, tokens):
+    """log softmax(logits)[token], without materialising the full log-softmax.
+
+    logits: f[..., vocab]; tokens: int[...] -> f32[...].
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def entropy_from_logits(logits):
+    """Entropy of softmax(logits) over the last axis: f[..., vocab] -> f32[...]."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - logz)
+    return logz[..., 0] - jnp.sum(probs * logits, axis=-1)
+
+
+def masked_sum(x, mask, axis=None, axis_name=None):
+    total = jnp.sum(jnp.where(mask, x, 0.0), axis=axis)
+    return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
+def masked_mean(x, mask, axis=None, axis_name=None):
+    """Mean of x over entries where mask is true (0 where there are none).
+
+    With `axis_name`, the sums are taken over that mapped axis too (pmap/shard_map).
+    """
+    mask = mask.astype(bool)
+    count = masked_sum(jnp.ones_like(x, jnp.float32), mask, axis, axis_name)
+    return masked_sum(x, mask, axis, axis_name) / jnp.maximum(count, 1.0)
+
+
+def masked_var(x, mask, unbiased=True, axis_name=None):
+    """Variance of x over the masked entries (Bessel-corrected by default, like TRL)."""
+    mask = mask.astype(bool)
+    mean = masked_mean(x, mask, axis_name=axis_name)
+    count = masked_sum(jnp.ones_like(x, jnp.float32), mask, axis_name=axis_name)
+    var = masked_sum(jnp.square(x - mean), mask, axis_name=axis_name) / jnp.maximum(count, 1.0)
+    if unbiased:
+        var = var * count / jnp.maximum(count - 1.0, 1.0)
+    return var

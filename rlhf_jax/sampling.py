@@ -1,0 +1,138 @@
+"""Jitted autoregressive sampling with a static-shape KV cache.
+
+`generate` prefills the cache with the (left-padded) prompts, samples the first
+token from the prefill's last hidden state, then decodes one token per step
+inside `lax.while_loop`, stopping as soon as every row has produced an EOS.
+Each step's randomness is `fold_in(key, step)`, so a call is a pure function of
+its key. Nothing synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.heads import last_token_index
+from rlhf_jax.models.transformer import init_cache
+from rlhf_jax.ops import token_logprobs
+
+_NEG_INF = -jnp.inf
+
+
+def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
+    """Mask (to -inf) the logits outside the top-k set and outside the nucleus.
+
+    logits: f32[..., vocab]. top_k = 0 and top_p = 1 mean no filtering. The
+    nucleus is the smallest set of most likely tokens whose probability reaches
+    top_p (the most likely token is always kept).
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, _NEG_INF, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, _NEG_INF, logits)
+    return logits
+
+
+def sample_token(logits, key, temperature: float, top_k: int, top_p: float):
+    """Draw one token per row; return (token int32[b], its logprob f32[b]).
+
+    The logprob is under the distribution the token was drawn from: logits /
+    temperature, filtered. temperature == 0 is greedy (logprob under the raw logits).
+    """
+    logits = logits.astype(jnp.float32)
+    if temperature == 0:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return token, token_logprobs(logits, token)
+    scaled = filter_logits(logits / temperature, top_k, top_p)
+    token = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return token, token_logprobs(scaled, token)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
+                     "with_values"))
+def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_ids: Sequence[int] = (), pad_id: int = 0, with_values: bool = False):
+    """Sample `max_new_tokens` continuations of a batch of prompts.
+
+    Args:
+      graphdef, params: `nnx.split(model)` of a `CausalLM` (params may be sharded).
+      prompt_ids, prompt_mask: int32[batch, prompt_len], left-padded (mask 0 on pads).
+      key: a PRNG key; the same key gives the same samples.
+      temperature: 0 for greedy decoding.
+      top_k, top_p: 0 / 1.0 disable the filters.
+      eos_ids: tuple of token ids that end a row (the EOS is kept, masked in).
+      pad_id: written after a row's EOS.
+      with_values: also return the value head's output at each sampled position
+        (the model must have a value head); costs no extra forward.
+
+    Returns a dict:
+      response_ids: int32[batch, max_new_tokens], pad after EOS;
+      response_mask: int32[batch, max_new_tokens], 1 up to and including EOS;
+      logprobs: f32[batch, max_new_tokens], log-prob of each sampled token under the
+        temperature-scaled, filtered distribution it came from (0 where masked);
+      lengths: int32[batch], the number of response tokens (EOS included);
+      values: f32[batch, max_new_tokens] (only with `with_values`).
+    """
+    eos_ids = tuple(eos_ids)
+    model = nnx.merge(graphdef, params)
+    batch, prompt_len = prompt_ids.shape
+    cfg = model.cfg
+    if prompt_len + max_new_tokens > cfg.max_position_embeddings and cfg.family == "gpt2":
+        raise ValueError(
+            f"prompt_len + max_new_tokens = {prompt_len + max_new_tokens} exceeds the model's "
+            f"max_position_embeddings = {cfg.max_position_embeddings}")
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
+    hidden, cache = model.backbone(prompt_ids, prompt_mask, cache)
+    hidden = jnp.take_along_axis(hidden, last_token_index(prompt_mask)[:, None, None], axis=1)[:, 0]
+
+    def emit(step, hidden, done, buffers, key_step):
+        token, logprob = sample_token(model.logits(hidden), key_step, temperature, top_k, top_p)
+        live = ~done
+        token = jnp.where(live, token, pad_id)
+        columns = {"response_ids": token, "response_mask": live.astype(jnp.int32),
+                   "logprobs": jnp.where(live, logprob, 0.0)}
+        if with_values:
+            columns["values"] = jnp.where(live, model.values(hidden), 0.0)
+        buffers = {name: jax.lax.dynamic_update_slice(buf, columns[name][:, None].astype(buf.dtype), (0, step))
+                   for name, buf in buffers.items()}
+        return token, live, done | jnp.isin(token, eos), buffers
+
+    buffers = {
+        "response_ids": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        "response_mask": jnp.zeros((batch, max_new_tokens), jnp.int32),
+        "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
+    }
+    if with_values:
+        buffers["values"] = jnp.zeros((batch, max_new_tokens), jnp.float32)
+    done = jnp.zeros((batch,), bool)
+    token, live, done, buffers = emit(0, hidden, done, buffers, jax.random.fold_in(key, 0))
+
+    def cond(carry):
+        step, _, _, done, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, token, live, done, cache, buffers = carry
+        hidden, cache = model.backbone(token[:, None], live[:, None].astype(jnp.int32), cache)
+        token, live, done, buffers = emit(step, hidden[:, 0], done, buffers, jax.random.fold_in(key, step))
+        return step + 1, token, live, done, cache, buffers
+
+    carry = (jnp.ones((), jnp.int32), token, live, done, cache, buffers)
+    *_, buffers = jax.lax.while_loop(cond, body, carry)
+    buffers["lengths"] = buffers["response_mask"].sum(-1)
+    return buffers
