@@ -54,8 +54,23 @@ def sample_token(logits, key, temperature: float, top_k: int, top_p: float):
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return token, token_logprobs(logits, token)
     scaled = filter_logits(logits / temperature, top_k, top_p)
-    token = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    token = categorical(key, scaled)
     return token, token_logprobs(scaled, token)
+
+
+def categorical(key, logits):
+    """One draw per row from softmax(logits) by inverting the CDF with one uniform per row.
+
+    Exact like Gumbel-max, but needs `batch` random numbers instead of `batch x vocab`
+    (on CPU the PRNG, not the model, dominated a decode step's sampling).
+    """
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, logits.shape[:-1] + (1,), dtype=cdf.dtype) * cdf[..., -1:]
+    token = jnp.sum(cdf <= u, axis=-1)
+    # u can round up to the total: stay on the last token that has probability.
+    last_nonzero = logits.shape[-1] - 1 - jnp.argmax((probs > 0)[..., ::-1], axis=-1)
+    return jnp.minimum(token, last_nonzero).astype(jnp.int32)
 
 
 @functools.partial(

@@ -116,19 +116,23 @@ class Attention(nnx.Module):
         if inv_freq is not None:
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
+        # Heads-major layout [b, kv, t, d]: XLA:CPU runs the batched attention dots far faster
+        # this way than with the sequence axis second (7x for one-token decoding).
+        k = k.transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
         if kv_cache is not None:
-            k_all = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, cache_index, 0, 0))
-            new_cache = (k_all, v_all)
+            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, 0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, 0, cache_index, 0))
+            new_cache = (k, v)
         else:
-            k_all, v_all, new_cache = k, v, None
+            new_cache = None
         groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, s, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k_all.astype(q.dtype)).astype(jnp.float32)
+        q = q.reshape(b, s, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bkgsd,bktd->bkgst", q, k.astype(q.dtype)).astype(jnp.float32)
         scores = scores / math.sqrt(cfg.head_dim)
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v_all).reshape(b, s, cfg.num_heads * cfg.head_dim)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgst,bktd->bskgd", probs, v).reshape(b, s, cfg.num_heads * cfg.head_dim)
         return self.o_proj(out.astype(cfg.compute_dtype)), new_cache
 
 
@@ -163,12 +167,12 @@ class Block(nnx.Module):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """An empty KV cache with `max_len` slots per row.
 
-    Returns a pytree: `k`, `v`: tuples (one per layer) of [batch, max_len, kv_heads, head_dim];
+    Returns a pytree: `k`, `v`: tuples (one per layer) of [batch, kv_heads, max_len, head_dim];
     `key_mask`: bool[batch, max_len] (which slots hold real tokens); `positions`: int32[batch]
     (real tokens seen so far, the next position id); `index`: int32[] (next slot to write).
     """
     dtype = dtype or cfg.compute_dtype
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return {
         "k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny transformers checkpoints, made once per test session."""
+
+import os
+
+# Tests run on the CPU; keep XLA from grabbing both cores' worth of threads per process twice.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _save(model, path):
+    model.eval()
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """{name: folder} of tiny random transformers models saved with save_pretrained."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hf")
+    rope_llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    models = {
+        "gpt2": tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                 bos_token_id=1, eos_token_id=1)),
+        "llama": tf.LlamaForCausalLM(tf.LlamaConfig(**TINY)),
+        "llama3_tied": tf.LlamaForCausalLM(tf.LlamaConfig(**TINY, tie_word_embeddings=True,
+                                                          rope_parameters=rope_llama3)),
+        "qwen2": tf.Qwen2ForCausalLM(tf.Qwen2Config(**TINY)),
+        "gpt2_scalar": tf.GPT2ForSequenceClassification(tf.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=1, pad_token_id=0)),
+        "llama_scalar": tf.LlamaForSequenceClassification(tf.LlamaConfig(**TINY, num_labels=1, pad_token_id=0)),
+    }
+    return {name: _save(model, root / name) for name, model in models.items()}
+
+
+@pytest.fixture(scope="session")
+def left_padded_batch():
+    """A batch of three rows, the second and third left-padded."""
+    rng = np.random.RandomState(0)
+    ids = rng.randint(2, 64, (3, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    ids[mask == 0] = 0
+    return ids, mask

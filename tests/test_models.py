@@ -1,0 +1,173 @@
+"""Our Flax models against transformers' PyTorch models (the reference)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlhf_jax.models import (CausalLM, CheckpointError, gpt2_config, init_cache, load_pretrained, read_hf_config,
+                             save_pretrained)
+
+torch = pytest.importorskip("torch")
+import transformers as tf  # noqa: E402
+
+CAUSAL = ["gpt2", "llama", "llama3_tied", "qwen2"]
+
+
+def hf_logits(path, ids, mask, kind="causal_lm"):
+    cls = tf.AutoModelForCausalLM if kind == "causal_lm" else tf.AutoModelForSequenceClassification
+    model = cls.from_pretrained(path).eval()
+    # transformers' generate derives position ids from the mask the same way.
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions))
+    return out.logits.numpy()
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_logits_match_transformers_left_padded(name, hf_checkpoints, left_padded_batch):
+    ids, mask = left_padded_batch
+    ours = load_pretrained(hf_checkpoints[name])
+    logits = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask))["logits"])
+    ref = hf_logits(hf_checkpoints[name], ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(logits[real], ref[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_left_padding_equals_unpadded(name, hf_checkpoints, left_padded_batch):
+    ids, mask = left_padded_batch
+    model = load_pretrained(hf_checkpoints[name])
+    padded = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))["logits"])[2, 7:]
+    alone = np.asarray(model(jnp.asarray(ids[2:, 7:]), jnp.ones((1, 3), jnp.int32))["logits"])[0]
+    np.testing.assert_allclose(padded, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2_scalar", "llama_scalar"])
+def test_scalar_model_matches_sequence_classification(name, hf_checkpoints, left_padded_batch):
+    ids, mask = left_padded_batch
+    ours = load_pretrained(hf_checkpoints[name], kind="scalar")
+    per_token = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+    # HF pools at the last non-pad token; with left padding that is the last column.
+    ref = hf_logits(hf_checkpoints[name], ids, mask, kind="scalar")[:, 0]
+    np.testing.assert_allclose(per_token[:, -1], ref, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ours.sequence_scores(jnp.asarray(ids), jnp.asarray(mask))), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "llama_scalar"])
+def test_round_trip_through_transformers(name, hf_checkpoints, left_padded_batch, tmp_path):
+    ids, mask = left_padded_batch
+    kind = "scalar" if name.endswith("scalar") else "causal_lm"
+    ours = load_pretrained(hf_checkpoints[name], kind=kind)
+    save_pretrained(ours, str(tmp_path / "out"), hf_config=read_hf_config(hf_checkpoints[name]))
+    again = hf_logits(str(tmp_path / "out"), ids, mask, kind)
+    first = hf_logits(hf_checkpoints[name], ids, mask, kind)
+    real = mask.astype(bool)
+    if kind == "scalar":
+        np.testing.assert_allclose(again, first, atol=1e-6)
+    else:
+        np.testing.assert_allclose(again[real], first[real], atol=1e-6)
+
+
+def test_builtin_model_exports_to_transformers(tmp_path, left_padded_batch):
+    ids, mask = left_padded_batch
+    model = CausalLM(gpt2_config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32),
+                     rngs=nnx.Rngs(3))
+    save_pretrained(model, str(tmp_path / "m"))
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))["logits"])
+    ref = hf_logits(str(tmp_path / "m"), ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_kv_cache_decoding_matches_full_forward(name, hf_checkpoints, left_padded_batch):
+    ids, mask = left_padded_batch
+    model = load_pretrained(hf_checkpoints[name])
+    full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))["logits"])
+    prefix = 4
+    cache = init_cache(model.cfg, ids.shape[0], ids.shape[1])
+    out = model(jnp.asarray(ids[:, :prefix]), jnp.asarray(mask[:, :prefix]), cache)
+    steps = [np.asarray(out["logits"])]
+    cache = out["cache"]
+    for t in range(prefix, ids.shape[1]):
+        out = model(jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
+        cache = out["cache"]
+        steps.append(np.asarray(out["logits"]))
+    decoded = np.concatenate(steps, axis=1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(decoded[real], full[real], atol=1e-5)
+
+
+def test_value_head_starts_at_zero(hf_checkpoints, left_padded_batch):
+    ids, mask = left_padded_batch
+    model = load_pretrained(hf_checkpoints["gpt2"], value_head=True)
+    out = model(jnp.asarray(ids), jnp.asarray(mask))
+    assert out["values"].shape == ids.shape
+    assert np.all(np.asarray(out["values"]) == 0)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _edit_tensors(path, edit):
+    from safetensors.numpy import load_file, save_file
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
+    path = _copy(hf_checkpoints["llama"], tmp_path / "m")
+    _edit_tensors(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        load_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(hf_checkpoints, tmp_path):
+    path = _copy(hf_checkpoints["llama"], tmp_path / "m")
+    _edit_tensors(path, lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*model.layers.0.extra.weight"):
+        load_pretrained(path)
+
+
+def test_misshapen_tensor_is_named(hf_checkpoints, tmp_path):
+    path = _copy(hf_checkpoints["gpt2"], tmp_path / "m")
+    _edit_tensors(path, lambda t: t.update({"transformer.wpe.weight": np.zeros((10, 32), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"misshapen tensor 'transformer.wpe.weight'.*\(64, 32\).*\(10, 32\)"):
+        load_pretrained(path)
+
+
+def test_unsupported_architecture_is_named(hf_checkpoints, tmp_path):
+    path = _copy(hf_checkpoints["llama"], tmp_path / "m")
+    config_file = os.path.join(path, "config.json")
+    config = json.load(open(config_file))
+    config.update(model_type="falcon", architectures=["FalconForCausalLM"])
+    json.dump(config, open(config_file, "w"))
+    with pytest.raises(CheckpointError, match=r"unsupported architecture: model_type='falcon'"):
+        load_pretrained(path)
+
+
+def test_folder_without_weights_is_named(tmp_path):
+    os.makedirs(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pretrained(str(tmp_path / "m"))
+
+
+def test_bf16_compute_runs_and_stays_close(hf_checkpoints, left_padded_batch):
+    ids, mask = left_padded_batch
+    f32 = load_pretrained(hf_checkpoints["llama"])
+    bf16 = load_pretrained(hf_checkpoints["llama"], dtype="bfloat16")
+    a = np.asarray(f32(jnp.asarray(ids), jnp.asarray(mask))["logits"])
+    b = np.asarray(bf16(jnp.asarray(ids), jnp.asarray(mask))["logits"])
+    real = mask.astype(bool)
+    assert np.abs(a[real] - b[real]).max() < 0.05
