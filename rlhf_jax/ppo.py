@@ -1,0 +1,190 @@
+"""PPO losses, metrics and the update loop (epochs x minibatches under lax.scan).
+
+Loss functions take per-token arrays `f32[batch, response_len]` and a mask, and
+return `(loss, stats)`; padding never counts. Metric names follow TRL's PPO
+trainer (`policy/clipfrac_avg`, `loss/value_avg`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.kl import get_estimator
+from rlhf_jax.ops import entropy_from_logits, masked_mean, masked_var, token_logprobs
+
+AGGREGATIONS = ("token", "sequence")
+
+
+def aggregate(per_token, mask, mode: str = "token"):
+    """Masked mean of a per-token quantity.
+
+    "token": over every unmasked token of the batch (long responses weigh more).
+    "sequence": the mean over rows of each row's masked mean (rows without tokens are skipped).
+    """
+    mask = mask.astype(bool)
+    if mode == "token":
+        return masked_mean(per_token, mask)
+    if mode == "sequence":
+        row_mean = masked_mean(per_token, mask, axis=-1)
+        return masked_mean(row_mean, mask.any(axis=-1))
+    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, aggregation: str = "token"):
+    """The clipped surrogate: mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
+
+    logprobs (new), old_logprobs (at rollout), advantages, mask: [batch, response_len].
+    Returns (loss, stats) with stats clipfrac, approxkl (0.5 * mean log-ratio^2), ratio, ratio_var.
+    """
+    chex.assert_equal_shape([logprobs, old_logprobs, advantages, mask])
+    mask = mask.astype(bool)
+    log_ratio = logprobs - old_logprobs
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = aggregate(jnp.maximum(unclipped, clipped), mask, aggregation)
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approxkl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
+        "ratio": masked_mean(ratio, mask),
+        "ratio_var": masked_var(ratio, mask, unbiased=False),
+    }
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float, aggregation: str = "token"):
+    """0.5 * mean of max((v - R)^2, (v_clipped - R)^2), v_clipped = old + clip(v - old, +-eps).
+
+    Returns (loss, stats) with stats clipfrac.
+    """
+    chex.assert_equal_shape([values, old_values, returns, mask])
+    mask = mask.astype(bool)
+    clipped_values = old_values + jnp.clip(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_loss = jnp.square(values - returns)
+    clipped_loss = jnp.square(clipped_values - returns)
+    loss = 0.5 * aggregate(jnp.maximum(unclipped_loss, clipped_loss), mask, aggregation)
+    return loss, {"clipfrac": masked_mean((clipped_loss > unclipped_loss).astype(jnp.float32), mask)}
+
+
+def kl_penalty_loss(logprobs, ref_logprobs, mask, estimator: str = "k3", aggregation: str = "token"):
+    """KL-in-the-loss term (GRPO style): the aggregated per-token estimate.
+
+    k3 is the default: as a loss its gradient is an unbiased KL gradient, while
+    k1's expected gradient is zero.
+    """
+    return aggregate(get_estimator(estimator)(logprobs, ref_logprobs), mask, aggregation)
+
+
+def rollout_metrics(scores, kl, non_score_rewards, logprobs, mask):
+    """The `objective/*` metrics of one rollout (TRL's definitions: sums over tokens, means over rows).
+
+    scores: f32[batch]; kl, non_score_rewards, logprobs, mask: [batch, response_len].
+    objective/entropy is the sampled-token estimate, mean over rows of -sum(logprobs).
+    """
+    mask = mask.astype(bool)
+    row_sum = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=-1)
+    non_score = row_sum(non_score_rewards).mean()
+    return {
+        "objective/kl": row_sum(kl).mean(),
+        "objective/entropy": row_sum(-logprobs).mean(),
+        "objective/non_score_reward": non_score,
+        "objective/rlhf_reward": scores.mean() + non_score,
+        "objective/scores": scores.mean(),
+    }
+
+
+def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
+               num_epochs: int, num_minibatches: int, axis_name: str | None = None):
+    """`num_epochs` x `num_minibatches` optimizer steps over one rollout batch, all in lax.scan.
+
+    Args:
+      params, opt_state: what `optimizer` updates (any pytree).
+      batch: dict of arrays with a leading batch axis (the rollout).
+      key: PRNG key for the per-epoch permutations (a fresh one each epoch).
+      loss_fn: `(params, minibatch) -> (loss, stats dict of scalars)`.
+      optimizer: an optax transformation (gradient clipping and the schedule live in it).
+      axis_name: under pmap/shard_map, gradients and stats are averaged over this axis.
+    Returns (params, opt_state, stats): stats are the means over every minibatch step,
+    plus `grad_norm` (before clipping) and `nonfinite_steps` (steps whose gradient
+    was not finite; those steps are skipped, and the caller decides to stop).
+    """
+    batch_size = jax.tree.leaves(batch)[0].shape[0]
+    if batch_size % num_minibatches:
+        raise ValueError(f"batch of {batch_size} does not split into {num_minibatches} minibatches")
+    mb_size = batch_size // num_minibatches
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def minibatch_step(carry, indices):
+        params, opt_state = carry
+        minibatch = jax.tree.map(lambda x: x[indices], batch)
+        (loss, stats), grads = grad_fn(params, minibatch)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+            stats = jax.lax.pmean(stats, axis_name)
+            loss = jax.lax.pmean(loss, axis_name)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite step leaves params and optimizer state as they were.
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (new_params, new_opt_state), (params, opt_state))
+        stats = dict(stats, loss=loss, grad_norm=grad_norm, nonfinite_steps=(~finite).astype(jnp.float32))
+        return (params, opt_state), stats
+
+    def epoch_step(carry, epoch_key):
+        order = jax.random.permutation(epoch_key, batch_size).reshape(num_minibatches, mb_size)
+        return jax.lax.scan(minibatch_step, carry, order)
+
+    keys = jax.random.split(key, num_epochs)
+    (params, opt_state), stats = jax.lax.scan(epoch_step, (params, opt_state), keys)
+    stats = jax.tree.map(jnp.mean, stats)
+    stats["nonfinite_steps"] = stats["nonfinite_steps"] * num_epochs * num_minibatches
+    return params, opt_state, stats
+
+
+def lm_ppo_loss(forward: Callable, *, temperature: float, cliprange: float, cliprange_value: float,
+                vf_coef: float, ent_coef: float = 0.0, aggregation: str = "token",
+                kl_loss_coef: float = 0.0, kl_estimator: str = "k3") -> Callable:
+    """The PPO loss of a language-model policy, as a `loss_fn` for `ppo_update`.
+
+    `forward(params, minibatch) -> (logits f32[b, response_len, vocab], values f32[b, response_len])`
+    gives the policy's logits at the positions that predict each response token
+    and the value model's (or value head's) values there. The logits are divided
+    by the sampling temperature, exactly as the sampler did, so the first ratio is 1.
+
+    The minibatch holds response_ids, response_mask, logprobs (old), values (old),
+    advantages, returns, and ref_logprobs when kl_loss_coef > 0.
+    """
+
+    def loss_fn(params, mb: dict[str, Any]):
+        logits, values = forward(params, mb)
+        logits = logits / temperature
+        mask = mb["response_mask"].astype(bool)
+        logprobs = token_logprobs(logits, mb["response_ids"])
+        pg_loss, pg = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cliprange, aggregation)
+        vf_loss, vf = value_loss(values, mb["values"], mb["returns"], mask, cliprange_value, aggregation)
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+        loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy
+        stats = {
+            "policy/approxkl_avg": pg["approxkl"],
+            "policy/clipfrac_avg": pg["clipfrac"],
+            "policy/entropy_avg": entropy,
+            "loss/policy_avg": pg_loss,
+            "loss/value_avg": vf_loss,
+            "val/clipfrac_avg": vf["clipfrac"],
+            "val/ratio": pg["ratio"],
+            "val/ratio_var": pg["ratio_var"],
+        }
+        if kl_loss_coef:
+            kl = kl_penalty_loss(logprobs, mb["ref_logprobs"], mask, kl_estimator, aggregation)
+            loss = loss + kl_loss_coef * kl
+            stats["loss/kl_avg"] = kl
+        return loss, stats
+
+    return loss_fn
