@@ -1,0 +1,148 @@
+"""The trainer's config schema (ml_collections) and its validation.
+
+Config files under configs/ start from `base_config()` and change what they
+need; every field that exists is listed here with its default, so a misspelt
+override is an error, not a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ESTIMATORS = ("k1", "k2", "k3")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # a local HF folder (config.json + safetensors); empty: the built-in architecture below
+    c.model.builtin = ml_collections.ConfigDict(dict(
+        family="gpt2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=0, intermediate_size=0,
+        max_position_embeddings=64, init_seed=0))
+    c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU, float32 on CPU
+    c.model.param_dtype = "float32"
+    c.model.value_model = "shared"  # "shared": value head on the policy's backbone; "separate": its own model
+    c.model.value_path = ""  # separate value model from an HF scalar folder (e.g. the reward model)
+    c.model.reference_path = ""  # empty: the reference is the initial policy
+
+    c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # empty: model.path
+
+    c.reward = ml_collections.ConfigDict(dict(
+        kind="function",  # "function": a Python callable on the host; "model": a learned reward model
+        function="rlhf_jax.tasks.reviews:sentiment_reward",  # "module:callable(prompts, responses) -> floats"
+        model_path="",  # HF scalar (AutoModelForSequenceClassification) folder
+        scale=1.0, bias=0.0))  # score = scale * raw + bias
+
+    c.data = ml_collections.ConfigDict(dict(
+        path="",  # JSONL file or HF datasets folder; empty: the built-in review task's prompts
+        field="prompt", max_prompt_len=8, truncation="left", builtin_prompts=512))
+
+    c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0))
+
+    c.ppo = ml_collections.ConfigDict(dict(
+        kl_coef=0.05, kl_estimator="k1", kl_in_loss=False, kl_loss_estimator="k3",
+        adaptive_kl=False, kl_target=6.0, kl_horizon=10000.0,
+        cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, ent_coef=0.0,
+        gamma=1.0, lam=0.95, num_ppo_epochs=4, num_mini_batches=1,
+        whiten_rewards=False, whiten_advantages=True, missing_eos_penalty=0.0, loss_aggregation="token"))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-4, schedule="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+        b1=0.9, b2=0.999, eps=1e-8))
+
+    c.train = ml_collections.ConfigDict(dict(rollout_batch_size=16, num_iterations=10, on_nonfinite="stop"))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=0, max_to_keep=3, async_save=True))
+
+    c.logging = ml_collections.ConfigDict(dict(
+        samples_every=5, num_samples=4, tensorboard=True, wandb=False, wandb_project="rlhf_jax", progress=True))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+    return c
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def _choice(config, key: str, choices) -> None:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    if value not in choices:
+        raise ConfigError(f"config.{key} = {value!r}: must be one of {list(choices)}")
+
+
+def _positive(config, key: str, allow_zero: bool = False) -> None:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config.{key} = {value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(config, num_devices: int = 1) -> None:
+    """Check everything that can be checked from the config alone (before any model is built)."""
+    missing = set(base_config().keys()) - set(config.keys())
+    if missing:
+        raise ConfigError(f"config is missing section(s) {sorted(missing)}: start from rlhf_jax.config.base_config()")
+    _choice(config, "model.value_model", ("shared", "separate"))
+    _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
+    _choice(config, "model.param_dtype", ("float32", "bfloat16", "float16"))
+    _choice(config, "reward.kind", ("function", "model"))
+    _choice(config, "data.truncation", ("left", "reject"))
+    _choice(config, "ppo.kl_estimator", ESTIMATORS)
+    _choice(config, "ppo.kl_loss_estimator", ESTIMATORS)
+    _choice(config, "ppo.loss_aggregation", ("token", "sequence"))
+    _choice(config, "optim.schedule", ("constant", "linear", "cosine"))
+    _choice(config, "train.on_nonfinite", ("stop", "skip"))
+    for key in ("train.rollout_batch_size", "train.num_iterations", "ppo.num_ppo_epochs", "ppo.num_mini_batches",
+                "sampling.max_new_tokens", "data.max_prompt_len", "optim.learning_rate", "ppo.cliprange",
+                "ppo.cliprange_value"):
+        _positive(config, key)
+    for key in ("ppo.kl_coef", "sampling.temperature", "sampling.top_k", "checkpoint.every",
+                "optim.max_grad_norm", "ppo.missing_eos_penalty", "optim.warmup_steps"):
+        _positive(config, key, allow_zero=True)
+    if not 0 < config.sampling.top_p <= 1:
+        raise ConfigError(f"config.sampling.top_p = {config.sampling.top_p}: must be in (0, 1]")
+    if config.sampling.temperature == 0:
+        raise ConfigError("config.sampling.temperature = 0 (greedy) gives no exploration and no valid PPO "
+                          "logprobs: use a temperature > 0 for training")
+    if config.sampling.top_k or config.sampling.top_p < 1:
+        raise ConfigError("config.sampling.top_k / top_p filter the sampler's distribution, so the logprobs PPO "
+                          "recomputes would not match it: leave top_k = 0 and top_p = 1.0 for training")
+    batch, minibatches = config.train.rollout_batch_size, config.ppo.num_mini_batches
+    if batch % minibatches:
+        raise ConfigError(f"config.train.rollout_batch_size = {batch} does not divide into "
+                          f"config.ppo.num_mini_batches = {minibatches} minibatches")
+    if (batch // minibatches) % num_devices:
+        raise ConfigError(f"a minibatch of {batch // minibatches} rows (config.train.rollout_batch_size / "
+                          f"config.ppo.num_mini_batches) does not divide over {num_devices} devices")
+    if config.ppo.adaptive_kl and (config.ppo.kl_target <= 0 or config.ppo.kl_horizon <= 0):
+        raise ConfigError("config.ppo.adaptive_kl needs config.ppo.kl_target > 0 and config.ppo.kl_horizon > 0")
+    if config.reward.kind == "function" and ":" not in config.reward.function:
+        raise ConfigError(f"config.reward.function = {config.reward.function!r}: expected 'module:callable'")
+    if config.reward.kind == "model" and not config.reward.model_path:
+        raise ConfigError("config.reward.kind = 'model' needs config.reward.model_path (an HF scalar model folder)")
+
+
+def validate_tokenizer(tokenizer) -> None:
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("the tokenizer has no pad token (tokenizer.pad_token_id is None): set one that is not "
+                          "the EOS token")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token (tokenizer.eos_token_id is None)")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ConfigError(f"the tokenizer's pad token is its EOS token (id {tokenizer.eos_token_id}): a policy "
+                          "trained with pad = EOS never learns to stop; give it a distinct pad token")
+
+
+def validate_lengths(config, max_positions: int) -> None:
+    total = config.data.max_prompt_len + config.sampling.max_new_tokens
+    if total > max_positions:
+        raise ConfigError(
+            f"config.data.max_prompt_len + config.sampling.max_new_tokens = {config.data.max_prompt_len} + "
+            f"{config.sampling.max_new_tokens} = {total} exceeds the model's {max_positions} positions "
+            "(max_position_embeddings)")

@@ -1,0 +1,149 @@
+"""Command line and host loop of PPO training.
+
+    python -m rlhf_jax.train --config=configs/tiny.py --config.ppo.kl_coef=0.1 --workdir=runs/tiny
+
+A workdir that already holds checkpoints is resumed from the newest readable one.
+SIGTERM (a TPU VM preemption) saves a checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Callable
+
+import jax
+
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.config import ConfigError
+from rlhf_jax.metrics import MetricWriter
+from rlhf_jax.trainer import PPOTrainer, TrainState, params_are_finite
+
+log = logging.getLogger("rlhf_jax")
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between iterations."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint after this iteration, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+
+def _save(checkpointer: Checkpointer, state: TrainState, trainer: PPOTrainer, step: int) -> None:
+    if not params_are_finite(state.params):
+        raise FloatingPointError(f"iteration {step}: the parameters are not finite; not saving a checkpoint")
+    checkpointer.save(step, state, {"step": step, "data": trainer.iterator.state()})
+
+
+def train(config, workdir: str, extra_metrics: dict[str, Callable] | None = None, num_iterations: int | None = None,
+          progress_desc: str = "PPO") -> tuple[PPOTrainer, TrainState, list[dict]]:
+    """Run (or resume) PPO in `workdir`. Returns the trainer, the final state and every iteration's metrics.
+
+    `num_iterations` stops early (after that many iterations in total) without changing the schedule.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    trainer = PPOTrainer(config, workdir, extra_metrics)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep,
+                                config.checkpoint.async_save)
+    state = trainer.init_state()
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        step, state, meta = restored
+        log.info("resumed from checkpoint %d in %s", step, checkpointer.directory)
+    start = int(state.step)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, f"config.step{start}.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    writer = MetricWriter(workdir, config.logging.tensorboard, config.logging.wandb, config.logging.wandb_project,
+                          config.to_dict(), enabled=is_main)
+    end = min(num_iterations or config.train.num_iterations, config.train.num_iterations)
+    history = []
+    bar = None
+    if is_main and config.logging.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=end, initial=start, desc=progress_desc, dynamic_ncols=True)
+    try:
+        with _Preemption() as preemption:
+            for it in range(start, end):
+                samples_every = config.logging.samples_every
+                want_samples = bool(samples_every) and (it % samples_every == 0 or it == end - 1)
+                state, metrics, samples = trainer.iteration(state, want_samples=want_samples)
+                step = it + 1
+                writer.write(step, metrics)
+                if samples:
+                    writer.write_samples(step, samples)
+                history.append(metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+                every = config.checkpoint.every
+                if preemption.requested or (every and step % every == 0) or step == end:
+                    _save(checkpointer, state, trainer, step)
+                if preemption.requested:
+                    log.warning("stopped after iteration %d for SIGTERM; checkpoint saved", step)
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpointer.close()
+        writer.close()
+    return trainer, state, history
+
+
+def _main(argv):
+    from absl import flags
+    del argv
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir
+    try:
+        trainer, state, history = train(config, workdir)
+    except (ConfigError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if history:
+        last = history[-1]
+        print(json.dumps({"step": int(state.step), "objective/scores": last["objective/scores"],
+                          "objective/kl": last["objective/kl"]}))
+    if flags.FLAGS.export_dir:
+        trainer.export_policy(state, flags.FLAGS.export_dir)
+        print(f"policy exported to {flags.FLAGS.export_dir}")
+
+
+def run():
+    """Console entry point (`rlhf-jax-train`)."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (a get_config() -> ConfigDict).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
+    flags.DEFINE_string("export_dir", "", "Also write the final policy here as an HF folder.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
+    try:
+        app.run(_main)
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these, with a traceback, for an override of a key that does not exist.
+        print(f"error: bad config override: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

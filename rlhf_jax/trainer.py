@@ -1,0 +1,376 @@
+"""The PPO trainer: models, data and reward built from a config; rollout -> reward -> update.
+
+One iteration is three jitted calls and one host step:
+  1. `generate` from the policy (the value head's values come along when the trunk is shared);
+  2. one forward of the reference (and of a separate value model) over prompt + response;
+  3. host: decode and call the Python reward function (or, for a reward model, one more jitted forward);
+  4. `update`: KL-shaped rewards, GAE, whitening, `ppo_update`, the KL controller step.
+The train state is a pytree: everything a resumed run needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rlhf_jax import advantages as adv_lib
+from rlhf_jax import kl as kl_lib
+from rlhf_jax.config import validate, validate_lengths, validate_tokenizer
+from rlhf_jax.data import PromptIterator, read_prompts, tokenize_prompts
+from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel, gather_last, load_pretrained
+from rlhf_jax.ops import token_logprobs
+from rlhf_jax.ppo import lm_ppo_loss, ppo_update, rollout_metrics
+from rlhf_jax.sampling import generate
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # PPO iterations done
+    params: Any  # {"policy": nnx.State, "value": nnx.State (separate value model only)}
+    opt_state: Any
+    kl: kl_lib.KLController
+    key: jax.Array  # uint32[2], split every iteration
+    data_epoch: jax.Array
+    data_offset: jax.Array
+
+
+def load_callable(spec: str) -> Callable:
+    """'package.module:name' -> the object (the reward function named in the config)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"config.reward.function = {spec!r}: cannot import module {module_name!r} ({e})") from e
+    if not hasattr(module, attr):
+        raise AttributeError(f"config.reward.function = {spec!r}: module {module_name!r} has no {attr!r}")
+    return getattr(module, attr)
+
+
+def builtin_model_config(config, vocab_size: int) -> ModelConfig:
+    b = config.model.builtin
+    heads = b.num_heads
+    kw = dict(family=b.family, vocab_size=vocab_size, hidden_size=b.hidden_size, num_layers=b.num_layers,
+              num_heads=heads, num_kv_heads=b.num_kv_heads or heads, head_dim=b.hidden_size // heads,
+              intermediate_size=b.intermediate_size or 4 * b.hidden_size,
+              max_position_embeddings=b.max_position_embeddings, dtype=config.model.dtype,
+              param_dtype=config.model.param_dtype)
+    if b.family == "gpt2":
+        kw.update(qkv_bias=True, o_bias=True, mlp_bias=True)
+    return ModelConfig(**kw)
+
+
+def load_tokenizer(config, workdir: str | None):
+    from transformers import AutoTokenizer
+
+    path = config.tokenizer.path or config.model.path
+    if not path:
+        from rlhf_jax.tasks.reviews import build_tokenizer
+        path = build_tokenizer(os.path.join(workdir or os.path.expanduser("~/.cache/rlhf_jax"), "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(path)  # local folder; trust_remote_code stays off
+    tokenizer.padding_side = "left"
+    validate_tokenizer(tokenizer)
+    return tokenizer
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    total = config.train.num_iterations * config.ppo.num_ppo_epochs * config.ppo.num_mini_batches
+    decay_steps = max(total - o.warmup_steps, 1)
+    if o.schedule == "constant":
+        after = optax.constant_schedule(o.learning_rate)
+    elif o.schedule == "linear":
+        after = optax.linear_schedule(o.learning_rate, 0.0, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(o.learning_rate, decay_steps)
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), after],
+                                    [o.warmup_steps]) if o.warmup_steps else after
+    parts = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm else []
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    return optax.chain(*parts)
+
+
+def response_outputs(model, ids, mask, prompt_len: int, response_len: int, with_values: bool):
+    """Logits (and values) at the positions that predict each response token."""
+    hidden, _ = model.backbone(ids, mask)
+    hidden = hidden[:, prompt_len - 1:prompt_len - 1 + response_len]
+    return model.logits(hidden), (model.values(hidden) if with_values else None)
+
+
+class PPOTrainer:
+    """Builds everything from a config and runs PPO iterations on a `TrainState`.
+
+    `extra_metrics` maps a metric name to `fn(prompts, responses, ended) -> list[float]`
+    (host-side text metrics, e.g. the demo's validity); their means are logged.
+    """
+
+    def __init__(self, config, workdir: str | None = None, extra_metrics: dict[str, Callable] | None = None):
+        validate(config, num_devices=1)
+        self.config = config
+        self.workdir = workdir
+        self.extra_metrics = extra_metrics or {}
+        self.tokenizer = load_tokenizer(config, workdir)
+        self.eos_ids = (int(self.tokenizer.eos_token_id),)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.shared_value = config.model.value_model == "shared"
+
+        policy = self._load_policy()
+        validate_lengths(config, policy.cfg.max_position_embeddings)
+        self.model_cfg = policy.cfg
+        self.policy_graphdef, policy_params = nnx.split(policy)
+        self.initial_policy_params = policy_params
+        if config.model.reference_path:
+            self.ref_params = nnx.split(load_pretrained(config.model.reference_path, value_head=self.shared_value,
+                                                        dtype=config.model.dtype,
+                                                        param_dtype=config.model.param_dtype))[1]
+        else:
+            # A copy, not an alias: the policy's buffers are donated to the update.
+            self.ref_params = jax.tree.map(jnp.copy, policy_params)
+
+        self.value_graphdef = self.initial_value_params = None
+        if not self.shared_value:
+            self.value_graphdef, self.initial_value_params = nnx.split(self._load_value_model(policy))
+
+        self.reward_fn = self.rm_graphdef = self.rm_params = None
+        if config.reward.kind == "function":
+            self.reward_fn = load_callable(config.reward.function)
+        else:
+            self.rm_graphdef, self.rm_params = nnx.split(load_pretrained(
+                config.reward.model_path, kind="scalar", dtype=config.model.dtype))
+
+        self._load_prompts()
+        self.iterator = PromptIterator(len(self.prompt_texts), config.train.rollout_batch_size, config.seed)
+        self.optimizer = make_optimizer(config)
+        self._build_functions()
+
+    # ---------------------------------------------------------------- setup
+    def _load_policy(self) -> CausalLM:
+        c = self.config
+        if c.model.path:
+            return load_pretrained(c.model.path, value_head=self.shared_value, dtype=c.model.dtype,
+                                   param_dtype=c.model.param_dtype)
+        cfg = builtin_model_config(c, len(self.tokenizer))
+        return CausalLM(cfg, rngs=nnx.Rngs(c.model.builtin.init_seed), value_head=self.shared_value)
+
+    def _load_value_model(self, policy: CausalLM) -> ScalarModel:
+        c = self.config
+        if c.model.value_path:
+            return load_pretrained(c.model.value_path, kind="scalar", dtype=c.model.dtype,
+                                   param_dtype=c.model.param_dtype)
+        # Start from the policy's backbone with a zero head (so the first values are 0).
+        value = ScalarModel(policy.cfg, rngs=nnx.Rngs(0), zero_head=True)
+        nnx.update(value.backbone, jax.tree.map(jnp.copy, nnx.state(policy.backbone)))
+        return value
+
+    def _load_prompts(self) -> None:
+        c = self.config
+        if c.data.path:
+            raw = read_prompts(c.data.path, c.data.field)
+        else:
+            from rlhf_jax.tasks.reviews import sample_prompts
+            raw = sample_prompts(c.data.builtin_prompts, seed=c.seed)
+        ids, mask, texts, report = tokenize_prompts(raw, self.tokenizer, c.data.max_prompt_len, c.data.truncation)
+        if report.truncated or report.rejected_empty or report.rejected_too_long:
+            log.warning("prompts: %d read, %d kept, %d cut from the left, %d rejected as too long, %d empty",
+                        report.total, report.kept, report.truncated, report.rejected_too_long, report.rejected_empty)
+        if report.kept < c.train.rollout_batch_size:
+            raise ValueError(f"only {report.kept} usable prompts (of {report.total}): fewer than "
+                             f"config.train.rollout_batch_size = {c.train.rollout_batch_size}")
+        self.prompt_report = report
+        self.prompt_ids, self.prompt_mask, self.prompt_texts = ids, mask, texts
+
+    def init_state(self) -> TrainState:
+        c = self.config
+        params = {"policy": self.initial_policy_params}
+        if not self.shared_value:
+            params["value"] = self.initial_value_params
+        if c.ppo.adaptive_kl:
+            kl = kl_lib.adaptive_kl_controller(c.ppo.kl_coef, c.ppo.kl_target, c.ppo.kl_horizon)
+        else:
+            kl = kl_lib.fixed_kl_controller(c.ppo.kl_coef)
+        return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params), kl=kl,
+                          key=jax.random.PRNGKey(c.seed), data_epoch=jnp.int32(0), data_offset=jnp.int32(0))
+
+    # ---------------------------------------------------------------- jitted pieces
+    def _build_functions(self) -> None:
+        c = self.config
+        temperature = c.sampling.temperature
+        prompt_len, response_len = c.data.max_prompt_len, c.sampling.max_new_tokens
+        policy_gd, value_gd, shared = self.policy_graphdef, self.value_graphdef, self.shared_value
+
+        self._generate = functools.partial(
+            generate, policy_gd, max_new_tokens=response_len, temperature=temperature, eos_ids=self.eos_ids,
+            pad_id=self.pad_id, with_values=shared)
+
+        def forward_values(value_params, ids, mask):
+            per_token = nnx.merge(value_gd, value_params)(ids, mask)
+            return per_token[:, prompt_len - 1:prompt_len - 1 + response_len]
+
+        @jax.jit
+        def reference_forward(ref_params, value_params, ids, mask, response_ids):
+            ref_logits, _ = response_outputs(nnx.merge(policy_gd, ref_params), ids, mask, prompt_len,
+                                             response_len, with_values=False)
+            ref_logprobs = token_logprobs(ref_logits / temperature, response_ids)
+            values = None if shared else forward_values(value_params, ids, mask)
+            return ref_logprobs, values
+
+        self._reference_forward = reference_forward
+
+        if self.rm_graphdef is not None:
+            rm_gd = self.rm_graphdef
+            self._reward_model = jax.jit(lambda p, ids, mask: nnx.merge(rm_gd, p).sequence_scores(ids, mask))
+
+        def forward(params, mb):
+            ids = jnp.concatenate([mb["prompt_ids"], mb["response_ids"]], axis=1)
+            mask = jnp.concatenate([mb["prompt_mask"], mb["response_mask"]], axis=1)
+            logits, values = response_outputs(nnx.merge(policy_gd, params["policy"]), ids, mask, prompt_len,
+                                              response_len, with_values=shared)
+            if not shared:
+                values = forward_values(params["value"], ids, mask)
+            return logits, values
+
+        p = c.ppo
+        loss_fn = lm_ppo_loss(forward, temperature=temperature, cliprange=p.cliprange,
+                              cliprange_value=p.cliprange_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
+                              aggregation=p.loss_aggregation, kl_loss_coef=1.0 if p.kl_in_loss else 0.0,
+                              kl_estimator=p.kl_loss_estimator)
+        estimator = kl_lib.get_estimator(p.kl_estimator)
+        optimizer = self.optimizer
+
+        def update(state: TrainState, batch: dict, scores):
+            """Advantages from the rollout, then the PPO epochs; returns (state, metrics)."""
+            mask = batch["response_mask"].astype(bool)
+            scores = c.reward.scale * scores + c.reward.bias
+            if p.missing_eos_penalty:
+                scores = adv_lib.penalize_missing_eos(scores, batch["response_ids"], self.eos_ids,
+                                                      p.missing_eos_penalty)
+            kl = jnp.where(mask, estimator(batch["logprobs"], batch["ref_logprobs"]), 0.0)
+            # With the KL in the loss (GRPO style) the reward carries no KL term.
+            reward_kl_coef = 0.0 if p.kl_in_loss else state.kl.kl_coef
+            rewards, non_score = adv_lib.kl_shaped_rewards(scores, kl, mask, reward_kl_coef)
+            if p.whiten_rewards:
+                rewards = adv_lib.masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = adv_lib.gae(rewards, batch["values"], mask, p.gamma, p.lam)
+            if p.whiten_advantages:
+                advantages = jnp.where(mask, adv_lib.masked_whiten(advantages, mask), 0.0)
+            train_batch = dict(batch, advantages=advantages, returns=returns)
+            key, update_key = jax.random.split(state.key)
+            params, opt_state, stats = ppo_update(
+                state.params, state.opt_state, train_batch, update_key, loss_fn=loss_fn, optimizer=optimizer,
+                num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches)
+            metrics = rollout_metrics(scores, kl, non_score, batch["logprobs"], mask)
+            batch_size = scores.shape[0]
+            new_kl = kl_lib.update_kl_controller(state.kl, metrics["objective/kl"], batch_size)
+            metrics.update(stats)
+            metrics["objective/kl_coef"] = state.kl.kl_coef
+            metrics["val/mean"] = jnp.sum(jnp.where(mask, batch["values"], 0.0)) / jnp.maximum(mask.sum(), 1)
+            metrics["val/returns_mean"] = jnp.sum(returns) / jnp.maximum(mask.sum(), 1)
+            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, kl=new_kl, key=key)
+            return new_state, metrics
+
+        self._update = jax.jit(update, donate_argnums=(0,))
+
+    # ---------------------------------------------------------------- one iteration
+    def scores_for(self, prompts: list[str], responses: list[str], ids, mask) -> np.ndarray:
+        """Rewards of a batch: the Python function on text, or the reward model on device."""
+        if self.reward_fn is not None:
+            raw = self.reward_fn(prompts, responses)
+            scores = np.asarray(raw, dtype=np.float32)
+            if scores.shape != (len(prompts),):
+                raise ValueError(f"config.reward.function returned {len(raw) if hasattr(raw, '__len__') else raw!r} "
+                                 f"values for {len(prompts)} responses")
+            return scores
+        return np.asarray(self._reward_model(self.rm_params, ids, mask))
+
+    def iteration(self, state: TrainState, want_samples: bool = False):
+        """One PPO iteration. Returns (new state, metrics dict of floats, sample rows)."""
+        c = self.config
+        timings = {}
+        t0 = time.perf_counter()
+        self.iterator.restore({"epoch": int(state.data_epoch), "offset": int(state.data_offset)})
+        index = self.iterator.next()
+        prompt_ids, prompt_mask = jnp.asarray(self.prompt_ids[index]), jnp.asarray(self.prompt_mask[index])
+        gen_key = jax.random.fold_in(state.key, 1)
+        out = self._generate(state.params["policy"], prompt_ids, prompt_mask, gen_key)
+        jax.block_until_ready(out["response_ids"])
+        timings["time/generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ids = jnp.concatenate([prompt_ids, out["response_ids"]], axis=1)
+        mask = jnp.concatenate([prompt_mask, out["response_mask"]], axis=1)
+        ref_logprobs, values = self._reference_forward(self.ref_params, state.params.get("value"), ids, mask,
+                                                       out["response_ids"])
+        jax.block_until_ready(ref_logprobs)
+        timings["time/reference_value_forward"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        response_ids, lengths = np.asarray(out["response_ids"]), np.asarray(out["lengths"])
+        prompts = [self.prompt_texts[i] for i in index]
+        responses = self.tokenizer.batch_decode([r[:n] for r, n in zip(response_ids, lengths)],
+                                                skip_special_tokens=True)
+        scores = self.scores_for(prompts, responses, ids, mask)
+        step = int(state.step)
+        if not np.all(np.isfinite(scores)):
+            bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+            raise FloatingPointError(f"iteration {step}: non-finite reward {scores[bad]} for response {bad} "
+                                     f"({responses[bad]!r})")
+        ended = [bool(np.isin(r[:n], self.eos_ids).any()) for r, n in zip(response_ids, lengths)]
+        extra = {name: float(np.mean(fn(prompts, responses, ended))) for name, fn in self.extra_metrics.items()}
+        timings["time/reward"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": out["response_ids"],
+                 "response_mask": out["response_mask"], "logprobs": out["logprobs"], "ref_logprobs": ref_logprobs,
+                 "values": out["values"] if self.shared_value else values}
+        state, metrics = self._update(state, batch, jnp.asarray(scores))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        timings["time/update"] = time.perf_counter() - t0
+
+        nonfinite = metrics["nonfinite_steps"]
+        if nonfinite and c.train.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"iteration {step}: non-finite loss or gradient in {int(nonfinite)} of "
+                f"{c.ppo.num_ppo_epochs * c.ppo.num_mini_batches} PPO steps (those steps were not applied; "
+                "set config.train.on_nonfinite='skip' to carry on)")
+        state = state.replace(data_epoch=jnp.int32(self.iterator.epoch), data_offset=jnp.int32(self.iterator.offset))
+        metrics.update(timings)
+        metrics.update(extra)
+        metrics["time/iteration"] = sum(timings.values())
+        n_tokens = int(lengths.sum())
+        metrics["response/length_mean"] = float(lengths.mean())
+        metrics["response/eos_frac"] = float(np.mean(ended))
+        metrics["speed/generated_tokens_per_s"] = n_tokens / max(timings["time/generate"], 1e-9)
+        samples = []
+        if want_samples:
+            kl_rows = (np.asarray(out["logprobs"]) - np.asarray(ref_logprobs)) * np.asarray(out["response_mask"])
+            for i in range(min(c.logging.num_samples, len(prompts))):
+                samples.append({"prompt": prompts[i], "response": responses[i], "score": float(scores[i]),
+                                "kl": float(kl_rows[i].sum())})
+        return state, metrics, samples
+
+    # ---------------------------------------------------------------- export
+    def export_policy(self, state: TrainState, path: str) -> None:
+        """Write the policy as an HF folder (config.json + safetensors) and the tokenizer beside it."""
+        from rlhf_jax.models import read_hf_config, save_pretrained
+        model = nnx.merge(self.policy_graphdef, state.params["policy"])
+        source = read_hf_config(self.config.model.path) if self.config.model.path else None
+        extra = {"pad_token_id": self.pad_id, "eos_token_id": self.eos_ids[0]}
+        save_pretrained(model, path, hf_config={**(source or {}), **extra})
+        self.tokenizer.save_pretrained(path)
+
+
+def params_are_finite(params) -> bool:
+    leaves = jax.tree.leaves(params)
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
