@@ -192,10 +192,15 @@ class PPOTrainer:
         self.prompt_ids, self.prompt_mask, self.prompt_texts = ids, mask, texts
 
     def init_state(self) -> TrainState:
+        """The state at iteration 0. Call it once: it hands the initial params over to the state, whose
+        buffers the update donates (the reference keeps its own copy)."""
         c = self.config
+        if self.initial_policy_params is None:
+            raise RuntimeError("init_state() was already called on this trainer")
         params = {"policy": self.initial_policy_params}
         if not self.shared_value:
             params["value"] = self.initial_value_params
+        self.initial_policy_params = self.initial_value_params = None
         if c.ppo.adaptive_kl:
             kl = kl_lib.adaptive_kl_controller(c.ppo.kl_coef, c.ppo.kl_target, c.ppo.kl_horizon)
         else:
@@ -210,7 +215,7 @@ class PPOTrainer:
         prompt_len, response_len = c.data.max_prompt_len, c.sampling.max_new_tokens
         policy_gd, value_gd, shared = self.policy_graphdef, self.value_graphdef, self.shared_value
 
-        self._generate = functools.partial(
+        self.generate = functools.partial(
             generate, policy_gd, max_new_tokens=response_len, temperature=temperature, eos_ids=self.eos_ids,
             pad_id=self.pad_id, with_values=shared)
 
@@ -226,7 +231,7 @@ class PPOTrainer:
             values = None if shared else forward_values(value_params, ids, mask)
             return ref_logprobs, values
 
-        self._reference_forward = reference_forward
+        self.reference_forward = reference_forward
 
         if self.rm_graphdef is not None:
             rm_gd = self.rm_graphdef
@@ -303,14 +308,14 @@ class PPOTrainer:
         index = self.iterator.next()
         prompt_ids, prompt_mask = jnp.asarray(self.prompt_ids[index]), jnp.asarray(self.prompt_mask[index])
         gen_key = jax.random.fold_in(state.key, 1)
-        out = self._generate(state.params["policy"], prompt_ids, prompt_mask, gen_key)
+        out = self.generate(state.params["policy"], prompt_ids, prompt_mask, gen_key)
         jax.block_until_ready(out["response_ids"])
         timings["time/generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         ids = jnp.concatenate([prompt_ids, out["response_ids"]], axis=1)
         mask = jnp.concatenate([prompt_mask, out["response_mask"]], axis=1)
-        ref_logprobs, values = self._reference_forward(self.ref_params, state.params.get("value"), ids, mask,
+        ref_logprobs, values = self.reference_forward(self.ref_params, state.params.get("value"), ids, mask,
                                                        out["response_ids"])
         jax.block_until_ready(ref_logprobs)
         timings["time/reference_value_forward"] = time.perf_counter() - t0

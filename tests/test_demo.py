@@ -1,0 +1,43 @@
+"""A shortened demo run: the reward rises clearly, the KL stays bounded, most reviews stay valid."""
+
+import json
+import os
+
+import pytest
+
+from rlhf_jax.tasks import reviews
+from rlhf_jax.tasks.demo import run_demo
+
+
+def test_grammar_checker_and_reward():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    samples = [reviews.sample_review(rng) for _ in range(500)]
+    assert all(reviews.is_valid(s) for s in samples)
+    assert not reviews.is_valid("the movie is great great .")
+    assert not reviews.is_valid("great great great")
+    assert not reviews.is_valid("the movie is")
+    assert reviews.sentiment("the movie is great and fun , but the plot was dull .") == 1.0
+    assert reviews.sentiment("great great great great") == 4.0  # hackable on purpose
+
+
+def test_tokenizer_loads_with_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(reviews.build_tokenizer(str(tmp_path / "tok")))
+    assert tok.pad_token_id != tok.eos_token_id
+    ids = tok("the movie is great .", add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == "the movie is great ."
+
+
+def test_short_demo_learns_within_the_kl_budget(tmp_path):
+    summary = run_demo(str(tmp_path), num_iterations=30, sft_steps=200, quiet=True)
+    before, after = summary["before"], summary["after"]
+    assert before["valid"] > 0.8, before  # the warm-up model writes mostly valid reviews
+    assert after["reward"] > before["reward"] + 1.0, (before, after)
+    assert after["kl"] < 12.0, after
+    assert after["valid"] > 0.6, after
+    assert os.path.exists(tmp_path / "ppo" / "metrics.png")
+    assert json.load(open(tmp_path / "summary.json"))["iterations"] == 30
+    # The original model is cached: a second run skips the warm-up.
+    assert os.path.exists(tmp_path / "sft_model" / "model.safetensors")
