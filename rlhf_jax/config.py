@@ -29,11 +29,22 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # empty: model.path
 
+    # LoRA: the base stays frozen (one copy serves policy and reference), only the adapters (and the
+    # value head of a shared trunk) train. The reference is the policy as RL starts: the bare base, or
+    # the base plus `adapter_path`'s adapters (a LoRA SFT) frozen as they were loaded.
+    c.lora = ml_collections.ConfigDict(dict(
+        enabled=False, rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        adapter_path=""))
+
     c.reward = ml_collections.ConfigDict(dict(
         kind="function",  # "function": a Python callable on the host; "model": a learned reward model
         function="rlhf_jax.tasks.reviews:sentiment_reward",  # "module:callable(prompts, responses) -> floats"
         model_path="",  # HF scalar (AutoModelForSequenceClassification) folder
-        scale=1.0, bias=0.0))  # score = scale * raw + bias
+        scale=1.0, bias=0.0,  # score = scale * raw + bias, then:
+        # "none"; "reference": a fixed gain and offset so that scores of the reference policy's samples
+        # have mean 0 and std 1 (measured once at the start on `normalize_batches` batches);
+        # "running": whiten by the running mean and std of every score seen so far.
+        normalize="none", normalize_batches=4))
 
     c.data = ml_collections.ConfigDict(dict(
         path="",  # JSONL file or HF datasets folder; empty: the built-in review task's prompts
@@ -92,6 +103,7 @@ def validate(config, num_devices: int = 1) -> None:
     _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.param_dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "reward.kind", ("function", "model"))
+    _choice(config, "reward.normalize", ("none", "reference", "running"))
     _choice(config, "data.truncation", ("left", "reject"))
     _choice(config, "ppo.kl_estimator", ESTIMATORS)
     _choice(config, "ppo.kl_loss_estimator", ESTIMATORS)
@@ -122,6 +134,16 @@ def validate(config, num_devices: int = 1) -> None:
                           f"config.ppo.num_mini_batches) does not divide over {num_devices} devices")
     if config.ppo.adaptive_kl and (config.ppo.kl_target <= 0 or config.ppo.kl_horizon <= 0):
         raise ConfigError("config.ppo.adaptive_kl needs config.ppo.kl_target > 0 and config.ppo.kl_horizon > 0")
+    if config.lora.enabled:
+        from rlhf_jax.models.config import LORA_TARGETS
+        _positive(config, "lora.rank")
+        unknown = sorted(set(config.lora.targets) - set(LORA_TARGETS))
+        if unknown or not config.lora.targets:
+            raise ConfigError(f"config.lora.targets = {tuple(config.lora.targets)}: choose one or more of "
+                              f"{LORA_TARGETS}")
+        if config.lora.dropout:
+            raise ConfigError(f"config.lora.dropout = {config.lora.dropout}: dropout makes the PPO ratio differ "
+                              "from 1 on unchanged params (the rollout and training forwards must match); use 0")
     if config.reward.kind == "function" and ":" not in config.reward.function:
         raise ConfigError(f"config.reward.function = {config.reward.function!r}: expected 'module:callable'")
     if config.reward.kind == "model" and not config.reward.model_path:

@@ -10,7 +10,6 @@ The train state is a pytree: everything a resumed run needs to continue exactly.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -28,7 +27,8 @@ from rlhf_jax import advantages as adv_lib
 from rlhf_jax import kl as kl_lib
 from rlhf_jax.config import validate, validate_lengths, validate_tokenizer
 from rlhf_jax.data import PromptIterator, read_prompts, tokenize_prompts
-from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel, gather_last, load_pretrained
+from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel, load_pretrained
+from rlhf_jax.models.lora import TRAINABLE, load_adapters, merged_params, save_adapters, with_lora
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.ppo import lm_ppo_loss, ppo_update, rollout_metrics
 from rlhf_jax.sampling import generate
@@ -45,6 +45,7 @@ class TrainState:
     key: jax.Array  # uint32[2], split every iteration
     data_epoch: jax.Array
     data_offset: jax.Array
+    score_stats: jax.Array  # f32[3]: count, mean, sum of squared deviations of the scores seen (running norm)
 
 
 def load_callable(spec: str) -> Callable:
@@ -129,15 +130,29 @@ class PPOTrainer:
         policy = self._load_policy()
         validate_lengths(config, policy.cfg.max_position_embeddings)
         self.model_cfg = policy.cfg
-        self.policy_graphdef, policy_params = nnx.split(policy)
-        self.initial_policy_params = policy_params
+        self.lora = bool(config.lora.enabled)
+        # Trainable params go into the train state; the frozen rest (the LoRA base) stays here, once.
+        trainable = TRAINABLE if self.lora else nnx.Param
+        self.policy_graphdef, initial_trainable, self.frozen = nnx.split(policy, trainable, ...)
+        self.initial_policy_params = initial_trainable
         if config.model.reference_path:
-            self.ref_params = nnx.split(load_pretrained(config.model.reference_path, value_head=self.shared_value,
-                                                        dtype=config.model.dtype,
-                                                        param_dtype=config.model.param_dtype))[1]
-        else:
+            self.ref_graphdef, self.ref_params = nnx.split(load_pretrained(
+                config.model.reference_path, value_head=self.shared_value, dtype=config.model.dtype,
+                param_dtype=config.model.param_dtype))
+        elif not self.lora:
             # A copy, not an alias: the policy's buffers are donated to the update.
-            self.ref_params = jax.tree.map(jnp.copy, policy_params)
+            self.ref_graphdef = self.policy_graphdef
+            self.ref_params = jax.tree.map(jnp.copy, nnx.merge_state(initial_trainable, self.frozen))
+        elif config.lora.adapter_path:
+            # Adapters from a LoRA SFT: the reference is base + those adapters, frozen (a small snapshot).
+            self.ref_graphdef = self.policy_graphdef
+            self.ref_params = nnx.merge_state(jax.tree.map(jnp.copy, initial_trainable), self.frozen)
+        else:
+            # The base with the adapters off: a graph without adapters over the very same base buffers.
+            base_cfg = policy.cfg.replace(lora_rank=0, lora_targets=())
+            self.ref_graphdef = nnx.graphdef(nnx.eval_shape(
+                lambda: CausalLM(base_cfg, rngs=nnx.Rngs(0), value_head=False)))
+            self.ref_params = self.frozen
 
         self.value_graphdef = self.initial_value_params = None
         if not self.shared_value:
@@ -153,25 +168,48 @@ class PPOTrainer:
         self._load_prompts()
         self.iterator = PromptIterator(len(self.prompt_texts), config.train.rollout_batch_size, config.seed)
         self.optimizer = make_optimizer(config)
+        self.reference_score_gain, self.reference_score_bias = 1.0, 0.0
         self._build_functions()
+        if config.reward.normalize == "reference":
+            self._measure_reference_scores()
 
     # ---------------------------------------------------------------- setup
     def _load_policy(self) -> CausalLM:
         c = self.config
         if c.model.path:
-            return load_pretrained(c.model.path, value_head=self.shared_value, dtype=c.model.dtype,
-                                   param_dtype=c.model.param_dtype)
-        cfg = builtin_model_config(c, len(self.tokenizer))
-        return CausalLM(cfg, rngs=nnx.Rngs(c.model.builtin.init_seed), value_head=self.shared_value)
+            policy = load_pretrained(c.model.path, value_head=self.shared_value, dtype=c.model.dtype,
+                                     param_dtype=c.model.param_dtype)
+        else:
+            cfg = builtin_model_config(c, len(self.tokenizer))
+            policy = CausalLM(cfg, rngs=nnx.Rngs(c.model.builtin.init_seed), value_head=self.shared_value)
+        if not c.lora.enabled:
+            return policy
+        if c.lora.adapter_path:
+            return load_adapters(policy, c.lora.adapter_path, seed=c.seed)
+        return with_lora(policy, c.lora.rank, c.lora.alpha, tuple(c.lora.targets), seed=c.seed)
+
+    def generate(self, params, prompt_ids, prompt_mask, key, graphdef=None):
+        """Sample responses with the run's sampling settings (the policy's graphdef unless given;
+        with a shared trunk the policy's values come along)."""
+        graphdef = graphdef or self.policy_graphdef
+        with_values = self.shared_value and graphdef is self.policy_graphdef
+        return generate(graphdef, params, prompt_ids, prompt_mask, key, with_values=with_values,
+                        **self._generate_kwargs)
+
+    def policy_params(self, state: TrainState):
+        """The policy's full params: the state's trainable part plus the frozen base."""
+        return nnx.merge_state(state.params["policy"], self.frozen)
 
     def _load_value_model(self, policy: CausalLM) -> ScalarModel:
         c = self.config
         if c.model.value_path:
             return load_pretrained(c.model.value_path, kind="scalar", dtype=c.model.dtype,
                                    param_dtype=c.model.param_dtype)
-        # Start from the policy's backbone with a zero head (so the first values are 0).
-        value = ScalarModel(policy.cfg, rngs=nnx.Rngs(0), zero_head=True)
-        nnx.update(value.backbone, jax.tree.map(jnp.copy, nnx.state(policy.backbone)))
+        # Start from the policy's backbone (adapters folded in) with a zero head (first values are 0).
+        cfg = policy.cfg.replace(lora_rank=0, lora_targets=())
+        value = ScalarModel(cfg, rngs=nnx.Rngs(0), zero_head=True)
+        backbone = merged_params(policy)["backbone"] if policy.cfg.lora_rank else nnx.state(policy.backbone)
+        nnx.update(value.backbone, jax.tree.map(jnp.copy, backbone))
         return value
 
     def _load_prompts(self) -> None:
@@ -206,7 +244,8 @@ class PPOTrainer:
         else:
             kl = kl_lib.fixed_kl_controller(c.ppo.kl_coef)
         return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params), kl=kl,
-                          key=jax.random.PRNGKey(c.seed), data_epoch=jnp.int32(0), data_offset=jnp.int32(0))
+                          key=jax.random.PRNGKey(c.seed), data_epoch=jnp.int32(0), data_offset=jnp.int32(0),
+                          score_stats=jnp.zeros((3,), jnp.float32))
 
     # ---------------------------------------------------------------- jitted pieces
     def _build_functions(self) -> None:
@@ -214,10 +253,10 @@ class PPOTrainer:
         temperature = c.sampling.temperature
         prompt_len, response_len = c.data.max_prompt_len, c.sampling.max_new_tokens
         policy_gd, value_gd, shared = self.policy_graphdef, self.value_graphdef, self.shared_value
+        ref_gd = self.ref_graphdef
 
-        self.generate = functools.partial(
-            generate, policy_gd, max_new_tokens=response_len, temperature=temperature, eos_ids=self.eos_ids,
-            pad_id=self.pad_id, with_values=shared)
+        self._generate_kwargs = dict(max_new_tokens=response_len, temperature=temperature, eos_ids=self.eos_ids,
+                                     pad_id=self.pad_id)
 
         def forward_values(value_params, ids, mask):
             per_token = nnx.merge(value_gd, value_params)(ids, mask)
@@ -225,7 +264,7 @@ class PPOTrainer:
 
         @jax.jit
         def reference_forward(ref_params, value_params, ids, mask, response_ids):
-            ref_logits, _ = response_outputs(nnx.merge(policy_gd, ref_params), ids, mask, prompt_len,
+            ref_logits, _ = response_outputs(nnx.merge(ref_gd, ref_params), ids, mask, prompt_len,
                                              response_len, with_values=False)
             ref_logprobs = token_logprobs(ref_logits / temperature, response_ids)
             values = None if shared else forward_values(value_params, ids, mask)
@@ -237,27 +276,36 @@ class PPOTrainer:
             rm_gd = self.rm_graphdef
             self._reward_model = jax.jit(lambda p, ids, mask: nnx.merge(rm_gd, p).sequence_scores(ids, mask))
 
-        def forward(params, mb):
-            ids = jnp.concatenate([mb["prompt_ids"], mb["response_ids"]], axis=1)
-            mask = jnp.concatenate([mb["prompt_mask"], mb["response_mask"]], axis=1)
-            logits, values = response_outputs(nnx.merge(policy_gd, params["policy"]), ids, mask, prompt_len,
-                                              response_len, with_values=shared)
-            if not shared:
-                values = forward_values(params["value"], ids, mask)
-            return logits, values
+        def make_loss(frozen):
+            def forward(params, mb):
+                ids = jnp.concatenate([mb["prompt_ids"], mb["response_ids"]], axis=1)
+                mask = jnp.concatenate([mb["prompt_mask"], mb["response_mask"]], axis=1)
+                model = nnx.merge(policy_gd, params["policy"], frozen)
+                logits, values = response_outputs(model, ids, mask, prompt_len, response_len, with_values=shared)
+                if not shared:
+                    values = forward_values(params["value"], ids, mask)
+                return logits, values
+
+            return lm_ppo_loss(forward, temperature=temperature, cliprange=p.cliprange,
+                               cliprange_value=p.cliprange_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
+                               aggregation=p.loss_aggregation, kl_loss_coef=1.0 if p.kl_in_loss else 0.0,
+                               kl_estimator=p.kl_loss_estimator)
 
         p = c.ppo
-        loss_fn = lm_ppo_loss(forward, temperature=temperature, cliprange=p.cliprange,
-                              cliprange_value=p.cliprange_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
-                              aggregation=p.loss_aggregation, kl_loss_coef=1.0 if p.kl_in_loss else 0.0,
-                              kl_estimator=p.kl_loss_estimator)
         estimator = kl_lib.get_estimator(p.kl_estimator)
         optimizer = self.optimizer
 
-        def update(state: TrainState, batch: dict, scores):
+        def update(state: TrainState, frozen, batch: dict, scores):
             """Advantages from the rollout, then the PPO epochs; returns (state, metrics)."""
             mask = batch["response_mask"].astype(bool)
             scores = c.reward.scale * scores + c.reward.bias
+            score_stats = state.score_stats
+            if c.reward.normalize == "running":
+                score_stats = _merge_stats(score_stats, scores)
+                variance = score_stats[2] / jnp.maximum(score_stats[0] - 1.0, 1.0)
+                scores = (scores - score_stats[1]) * jax.lax.rsqrt(variance + 1e-8)
+            elif c.reward.normalize == "reference":
+                scores = scores * self.reference_score_gain + self.reference_score_bias
             if p.missing_eos_penalty:
                 scores = adv_lib.penalize_missing_eos(scores, batch["response_ids"], self.eos_ids,
                                                       p.missing_eos_penalty)
@@ -273,7 +321,7 @@ class PPOTrainer:
             train_batch = dict(batch, advantages=advantages, returns=returns)
             key, update_key = jax.random.split(state.key)
             params, opt_state, stats = ppo_update(
-                state.params, state.opt_state, train_batch, update_key, loss_fn=loss_fn, optimizer=optimizer,
+                state.params, state.opt_state, train_batch, update_key, loss_fn=make_loss(frozen), optimizer=optimizer,
                 num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches)
             metrics = rollout_metrics(scores, kl, non_score, batch["logprobs"], mask)
             batch_size = scores.shape[0]
@@ -282,10 +330,39 @@ class PPOTrainer:
             metrics["objective/kl_coef"] = state.kl.kl_coef
             metrics["val/mean"] = jnp.sum(jnp.where(mask, batch["values"], 0.0)) / jnp.maximum(mask.sum(), 1)
             metrics["val/returns_mean"] = jnp.sum(returns) / jnp.maximum(mask.sum(), 1)
-            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, kl=new_kl, key=key)
+            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, kl=new_kl, key=key,
+                                      score_stats=score_stats)
             return new_state, metrics
 
         self._update = jax.jit(update, donate_argnums=(0,))
+
+    def _measure_reference_scores(self) -> None:
+        """Gain and offset that give the reference policy's samples mean 0 and std 1 (fixed keys, so a
+        resumed run measures the same values). Runs before `_update` is first traced."""
+        c = self.config
+        scores = []
+        for i in range(c.reward.normalize_batches):
+            index = np.random.default_rng([c.seed, 99, i]).choice(len(self.prompt_texts), c.train.rollout_batch_size,
+                                                                   replace=False)
+            prompt_ids, prompt_mask = jnp.asarray(self.prompt_ids[index]), jnp.asarray(self.prompt_mask[index])
+            out = self.generate(self.ref_params, prompt_ids, prompt_mask, jax.random.PRNGKey(10_000 + i),
+                                graphdef=self.ref_graphdef)
+            ids, mask = _join(prompt_ids, prompt_mask, out)
+            prompts, responses, _ = self._decode(index, out)
+            scores.append(c.reward.scale * self.scores_for(prompts, responses, ids, mask) + c.reward.bias)
+        scores = np.concatenate(scores)
+        std = float(scores.std()) or 1.0
+        self.reference_score_gain, self.reference_score_bias = 1.0 / std, -float(scores.mean()) / std
+        log.info("reward normalisation from %d reference samples: mean %.4f, std %.4f", len(scores),
+                 scores.mean(), std)
+
+    def _decode(self, index, out):
+        """(prompt texts, response texts without special tokens, response lengths)."""
+        response_ids, lengths = np.asarray(out["response_ids"]), np.asarray(out["lengths"])
+        prompts = [self.prompt_texts[i] for i in index]
+        responses = self.tokenizer.batch_decode([r[:n] for r, n in zip(response_ids, lengths)],
+                                                skip_special_tokens=True)
+        return prompts, responses, lengths
 
     # ---------------------------------------------------------------- one iteration
     def scores_for(self, prompts: list[str], responses: list[str], ids, mask) -> np.ndarray:
@@ -308,23 +385,20 @@ class PPOTrainer:
         index = self.iterator.next()
         prompt_ids, prompt_mask = jnp.asarray(self.prompt_ids[index]), jnp.asarray(self.prompt_mask[index])
         gen_key = jax.random.fold_in(state.key, 1)
-        out = self.generate(state.params["policy"], prompt_ids, prompt_mask, gen_key)
+        out = self.generate(self.policy_params(state), prompt_ids, prompt_mask, gen_key)
         jax.block_until_ready(out["response_ids"])
         timings["time/generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        ids = jnp.concatenate([prompt_ids, out["response_ids"]], axis=1)
-        mask = jnp.concatenate([prompt_mask, out["response_mask"]], axis=1)
+        ids, mask = _join(prompt_ids, prompt_mask, out)
         ref_logprobs, values = self.reference_forward(self.ref_params, state.params.get("value"), ids, mask,
                                                        out["response_ids"])
         jax.block_until_ready(ref_logprobs)
         timings["time/reference_value_forward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        response_ids, lengths = np.asarray(out["response_ids"]), np.asarray(out["lengths"])
-        prompts = [self.prompt_texts[i] for i in index]
-        responses = self.tokenizer.batch_decode([r[:n] for r, n in zip(response_ids, lengths)],
-                                                skip_special_tokens=True)
+        prompts, responses, lengths = self._decode(index, out)
+        response_ids = np.asarray(out["response_ids"])
         scores = self.scores_for(prompts, responses, ids, mask)
         step = int(state.step)
         if not np.all(np.isfinite(scores)):
@@ -339,7 +413,7 @@ class PPOTrainer:
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": out["response_ids"],
                  "response_mask": out["response_mask"], "logprobs": out["logprobs"], "ref_logprobs": ref_logprobs,
                  "values": out["values"] if self.shared_value else values}
-        state, metrics = self._update(state, batch, jnp.asarray(scores))
+        state, metrics = self._update(state, self.frozen, batch, jnp.asarray(scores))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         timings["time/update"] = time.perf_counter() - t0
 
@@ -367,13 +441,35 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- export
     def export_policy(self, state: TrainState, path: str) -> None:
-        """Write the policy as an HF folder (config.json + safetensors) and the tokenizer beside it."""
+        """Write the policy as an HF folder (config.json + safetensors) and the tokenizer beside it;
+        a LoRA policy is written merged, and its adapters alone to `path/adapter` (PEFT layout)."""
         from rlhf_jax.models import read_hf_config, save_pretrained
-        model = nnx.merge(self.policy_graphdef, state.params["policy"])
+        model = nnx.merge(self.policy_graphdef, state.params["policy"], self.frozen)
         source = read_hf_config(self.config.model.path) if self.config.model.path else None
         extra = {"pad_token_id": self.pad_id, "eos_token_id": self.eos_ids[0]}
-        save_pretrained(model, path, hf_config={**(source or {}), **extra})
+        save_pretrained(model, path, hf_config={**(source or {}), **extra})  # adapters merged in
         self.tokenizer.save_pretrained(path)
+        if self.lora:
+            save_adapters(model, os.path.join(path, "adapter"), base_model_name_or_path=self.config.model.path)
+
+
+def _join(prompt_ids, prompt_mask, out):
+    """Prompt + response ids and mask: int32[batch, prompt_len + response_len]."""
+    return (jnp.concatenate([prompt_ids, out["response_ids"]], axis=1),
+            jnp.concatenate([prompt_mask, out["response_mask"]], axis=1))
+
+
+def _merge_stats(stats, x):
+    """Chan et al.'s parallel update of (count, mean, M2) with a batch x: f32[n]."""
+    count, mean, m2 = stats[0], stats[1], stats[2]
+    n = jnp.float32(x.shape[0])
+    batch_mean = jnp.mean(x)
+    batch_m2 = jnp.sum(jnp.square(x - batch_mean))
+    total = count + n
+    delta = batch_mean - mean
+    new_mean = mean + delta * n / total
+    new_m2 = m2 + batch_m2 + jnp.square(delta) * count * n / total
+    return jnp.stack([total, new_mean, new_m2])
 
 
 def params_are_finite(params) -> bool:

@@ -39,7 +39,7 @@ def main():
         config.logging.progress = False
         run_dir = os.path.join(args.workdir, f"kl_coef_{coef:g}")
         trainer, state, history = train(config, run_dir, extra_metrics={"task/valid_frac": valid_fraction})
-        final = evaluate(trainer, state.params["policy"])
+        final = evaluate(trainer, trainer.policy_params(state))
         result = {"kl_coef": coef, "reward": final["reward"], "kl": final["kl"], "valid": final["valid"],
                   "samples": final["samples"][:3], "history": [
                       {k: m[k] for k in ("objective/scores", "objective/kl", "task/valid_frac")} for m in history]}

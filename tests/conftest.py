@@ -52,3 +52,17 @@ def left_padded_batch():
     mask[2, :7] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory):
+    """A workdir holding the demo's tokenizer and a warmed-up "original model" (sft_model)."""
+    from transformers import AutoTokenizer
+
+    from rlhf_jax.tasks import reviews
+    from rlhf_jax.tasks.demo import warm_up
+
+    root = tmp_path_factory.mktemp("demo")
+    tokenizer = AutoTokenizer.from_pretrained(reviews.build_tokenizer(str(root / "tokenizer")))
+    warm_up(str(root), tokenizer, steps=200)
+    return root

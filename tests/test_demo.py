@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -30,8 +31,11 @@ def test_tokenizer_loads_with_autotokenizer(tmp_path):
     assert tok.decode(ids) == "the movie is great ."
 
 
-def test_short_demo_learns_within_the_kl_budget(tmp_path):
-    summary = run_demo(str(tmp_path), num_iterations=30, sft_steps=200, quiet=True)
+def test_short_demo_learns_within_the_kl_budget(tmp_path, demo_workdir):
+    shutil.copytree(demo_workdir / "sft_model", tmp_path / "sft_model")  # the warm-up is cached
+    # 30 iterations instead of 80: a more cautious starting coefficient, since the adaptive
+    # controller has less time to catch up (the full demo starts at 0.2).
+    summary = run_demo(str(tmp_path), num_iterations=30, quiet=True, overrides={"ppo.kl_coef": 0.5})
     before, after = summary["before"], summary["after"]
     assert before["valid"] > 0.8, before  # the warm-up model writes mostly valid reviews
     assert after["reward"] > before["reward"] + 1.0, (before, after)

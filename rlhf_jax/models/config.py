@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 FAMILIES = ("gpt2", "llama")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,11 @@ class ModelConfig:
     mlp_bias: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # LoRA adapters (rank 0: none) on the named projections: q_proj, k_proj, v_proj, o_proj,
+    # gate_proj, up_proj, down_proj (GPT-2's MLP is up_proj / down_proj).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -47,6 +53,9 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {LORA_TARGETS}")
         if self.family == "gpt2" and self.num_kv_heads != self.num_heads:
             raise ValueError("the gpt2 family has no grouped-query attention: num_kv_heads must equal num_heads")
 

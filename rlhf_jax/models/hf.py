@@ -186,7 +186,8 @@ def _transform_in(tensor: np.ndarray, how: str) -> np.ndarray:
 
 def _flat_params(state) -> dict[tuple, Any]:
     flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
+    pure = state if isinstance(state, dict) else nnx.to_pure_dict(state)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
         flat[tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)] = leaf
     return flat
 
@@ -280,7 +281,11 @@ def save_pretrained(model, path: str, *, hf_config: dict | None = None, params=N
     kind = "scalar" if isinstance(model, ScalarModel) else "causal_lm"
     cfg = model.cfg
     if params is None:
-        params = nnx.state(model, nnx.Param)
+        if cfg.lora_rank:
+            from rlhf_jax.models.lora import merged_params
+            params = merged_params(model)  # adapters folded into the base weights
+        else:
+            params = nnx.state(model, nnx.Param)
     tensors = export_tensors(params, cfg, kind)
     config = hf_config_from(cfg, kind)
     if hf_config is not None:

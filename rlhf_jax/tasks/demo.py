@@ -94,7 +94,7 @@ def warm_up(workdir: str, tokenizer, steps: int = 300, batch: int = 64, seed: in
     return folder
 
 
-def evaluate(trainer, policy_params, n_batches: int = 4, seed: int = 1234) -> dict:
+def evaluate(trainer, policy_params, n_batches: int = 4, seed: int = 1234, graphdef=None) -> dict:
     """Mean reward, KL to the reference (sum of k1 over tokens), valid share and samples on fixed prompts."""
     from rlhf_jax.data import tokenize_prompts
 
@@ -104,7 +104,7 @@ def evaluate(trainer, policy_params, n_batches: int = 4, seed: int = 1234) -> di
     rewards, kls, valid, samples = [], [], [], []
     for i in range(n_batches):
         p_ids, p_mask = jnp.asarray(ids[i * b:(i + 1) * b]), jnp.asarray(mask[i * b:(i + 1) * b])
-        out = trainer.generate(policy_params, p_ids, p_mask, jax.random.PRNGKey(seed + i))
+        out = trainer.generate(policy_params, p_ids, p_mask, jax.random.PRNGKey(seed + i), graphdef=graphdef)
         full = jnp.concatenate([p_ids, out["response_ids"]], 1)
         full_mask = jnp.concatenate([p_mask, out["response_mask"]], 1)
         ref_logprobs, _ = trainer.reference_forward(trainer.ref_params, None, full, full_mask, out["response_ids"])
@@ -170,8 +170,8 @@ def run_demo(workdir: str, num_iterations: int | None = None, sft_steps: int = 3
           f"responses, adaptive KL (target {config.ppo.kl_target})")
     trainer, state, history = train(config, os.path.join(workdir, "ppo"),
                                     extra_metrics={"task/valid_frac": valid_fraction})
-    before = evaluate(trainer, trainer.ref_params)  # the reference is the original model
-    after = evaluate(trainer, state.params["policy"])
+    before = evaluate(trainer, trainer.ref_params, graphdef=trainer.ref_graphdef)  # the original model
+    after = evaluate(trainer, trainer.policy_params(state))
     plot = plot_metrics(os.path.join(workdir, "ppo"))
     summary = {"before": before, "after": after, "wall_time_s": time.time() - t_start,
                "iterations": int(state.step), "plot": plot}

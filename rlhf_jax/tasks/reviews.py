@@ -151,3 +151,32 @@ def write_prompts(path: str, n: int = 512, seed: int = 0) -> str:
             for prompt in sample_prompts(n, seed):
                 f.write(json.dumps({"prompt": prompt}) + "\n")
     return path
+
+
+def preference_pairs(n: int, seed: int = 0, max_prompt_words: int = 3) -> list[dict]:
+    """Synthetic preferences: two grammar continuations of one opening; chosen = the more positive.
+
+    Ties (equal sentiment) are skipped, so every pair has a clear winner.
+    """
+    rng = np.random.default_rng([seed, 7])
+    buckets: dict[tuple, list[list[str]]] = {}
+    for _ in range(8 * n):
+        words = sample_review(rng).split()
+        cut = int(rng.integers(1, max_prompt_words + 1))
+        if len(words) > cut:
+            buckets.setdefault(tuple(words[:cut]), []).append(words[cut:])
+    pairs = []
+    keys = list(buckets)
+    while len(pairs) < n:
+        prompt = keys[int(rng.integers(len(keys)))]
+        options = buckets[prompt]
+        if len(options) < 2:
+            continue
+        i, j = rng.choice(len(options), 2, replace=False)
+        a, b = options[i], options[j]
+        sa, sb = sentiment(" ".join(list(prompt) + a)), sentiment(" ".join(list(prompt) + b))
+        if sa == sb:
+            continue
+        chosen, rejected = (a, b) if sa > sb else (b, a)
+        pairs.append({"prompt": " ".join(prompt), "chosen": " ".join(chosen), "rejected": " ".join(rejected)})
+    return pairs
