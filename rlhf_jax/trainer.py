@@ -32,6 +32,8 @@ from rlhf_jax.models.lora import TRAINABLE, load_adapters, merged_params, save_a
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.ppo import lm_ppo_loss, ppo_update, rollout_metrics
 from rlhf_jax.sampling import generate
+from rlhf_jax.sharding import (BATCH_AXES, batch_sharding, make_mesh, param_shardings, replicated, shard_like,
+                               state_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,10 @@ class PPOTrainer:
     """
 
     def __init__(self, config, workdir: str | None = None, extra_metrics: dict[str, Callable] | None = None):
-        validate(config, num_devices=1)
+        validate(config)
+        self.mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        validate(config, num_devices=batch_devices)
         self.config = config
         self.workdir = workdir
         self.extra_metrics = extra_metrics or {}
@@ -139,24 +144,20 @@ class PPOTrainer:
             self.ref_graphdef, self.ref_params = nnx.split(load_pretrained(
                 config.model.reference_path, value_head=self.shared_value, dtype=config.model.dtype,
                 param_dtype=config.model.param_dtype))
-        elif not self.lora:
-            # A copy, not an alias: the policy's buffers are donated to the update.
-            self.ref_graphdef = self.policy_graphdef
-            self.ref_params = jax.tree.map(jnp.copy, nnx.merge_state(initial_trainable, self.frozen))
-        elif config.lora.adapter_path:
-            # Adapters from a LoRA SFT: the reference is base + those adapters, frozen (a small snapshot).
-            self.ref_graphdef = self.policy_graphdef
-            self.ref_params = nnx.merge_state(jax.tree.map(jnp.copy, initial_trainable), self.frozen)
+        elif not self.lora or config.lora.adapter_path:
+            self.ref_graphdef, self.ref_params = self.policy_graphdef, None  # made in _place_params
         else:
             # The base with the adapters off: a graph without adapters over the very same base buffers.
             base_cfg = policy.cfg.replace(lora_rank=0, lora_targets=())
             self.ref_graphdef = nnx.graphdef(nnx.eval_shape(
                 lambda: CausalLM(base_cfg, rngs=nnx.Rngs(0), value_head=False)))
-            self.ref_params = self.frozen
+            self.ref_params = None
 
         self.value_graphdef = self.initial_value_params = None
         if not self.shared_value:
             self.value_graphdef, self.initial_value_params = nnx.split(self._load_value_model(policy))
+
+        self._place_params()
 
         self.reward_fn = self.rm_graphdef = self.rm_params = None
         if config.reward.kind == "function":
@@ -164,9 +165,11 @@ class PPOTrainer:
         else:
             self.rm_graphdef, self.rm_params = nnx.split(load_pretrained(
                 config.reward.model_path, kind="scalar", dtype=config.model.dtype))
+            self.rm_params = shard_like(self.rm_params, param_shardings(self.rm_params, self.mesh))
 
         self._load_prompts()
-        self.iterator = PromptIterator(len(self.prompt_texts), config.train.rollout_batch_size, config.seed)
+        self.iterator = PromptIterator(len(self.prompt_texts), config.train.rollout_batch_size, config.seed,
+                                       jax.process_index(), jax.process_count())
         self.optimizer = make_optimizer(config)
         self.reference_score_gain, self.reference_score_bias = 1.0, 0.0
         self._build_functions()
@@ -178,15 +181,52 @@ class PPOTrainer:
         c = self.config
         if c.model.path:
             policy = load_pretrained(c.model.path, value_head=self.shared_value, dtype=c.model.dtype,
-                                     param_dtype=c.model.param_dtype)
+                                     param_dtype=c.model.param_dtype, mesh=self.mesh)
         else:
             cfg = builtin_model_config(c, len(self.tokenizer))
-            policy = CausalLM(cfg, rngs=nnx.Rngs(c.model.builtin.init_seed), value_head=self.shared_value)
+            build = lambda: CausalLM(cfg, rngs=nnx.Rngs(c.model.builtin.init_seed), value_head=self.shared_value)
+            graphdef, abstract = nnx.split(nnx.eval_shape(build))
+            # Initialised on the mesh: each device computes only its own shards.
+            params = jax.jit(lambda: nnx.state(build()), out_shardings=param_shardings(abstract, self.mesh))()
+            policy = nnx.merge(graphdef, params)
         if not c.lora.enabled:
             return policy
         if c.lora.adapter_path:
             return load_adapters(policy, c.lora.adapter_path, seed=c.seed)
         return with_lora(policy, c.lora.rank, c.lora.alpha, tuple(c.lora.targets), seed=c.seed)
+
+    def _place_params(self) -> None:
+        """Put every parameter tree on the mesh by the partition rules (shards go straight to their devices)."""
+        place = lambda tree: shard_like(tree, param_shardings(tree, self.mesh))
+        self.frozen = place(self.frozen)
+        self.initial_policy_params = place(self.initial_policy_params)
+        if self.ref_params is not None:
+            self.ref_params = place(self.ref_params)
+        if self.initial_value_params is not None:
+            self.initial_value_params = place(self.initial_value_params)
+        if self.config.model.reference_path:
+            return
+        if not self.lora:
+            # A copy, not an alias: the policy's buffers are donated to the update.
+            self.ref_params = jax.tree.map(jnp.copy, nnx.merge_state(self.initial_policy_params, self.frozen))
+        elif self.config.lora.adapter_path:
+            # Adapters from a LoRA SFT: the reference is the base plus a frozen snapshot of those adapters.
+            self.ref_params = nnx.merge_state(jax.tree.map(jnp.copy, self.initial_policy_params), self.frozen)
+        else:
+            self.ref_params = self.frozen
+
+    def to_device_batch(self, local):
+        """This host's rows (numpy) -> a global array sharded over (data, fsdp)."""
+        local = np.asarray(local)
+        return jax.make_array_from_process_local_data(batch_sharding(self.mesh, local.ndim), local)
+
+    def local_rows(self, array) -> np.ndarray:
+        """This host's rows of a batch-sharded global array."""
+        if array.is_fully_addressable:
+            return np.asarray(array)
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.global_array_to_host_local_array(
+            array, self.mesh, jax.sharding.PartitionSpec(BATCH_AXES)))
 
     def generate(self, params, prompt_ids, prompt_mask, key, graphdef=None):
         """Sample responses with the run's sampling settings (the policy's graphdef unless given;
@@ -243,9 +283,16 @@ class PPOTrainer:
             kl = kl_lib.adaptive_kl_controller(c.ppo.kl_coef, c.ppo.kl_target, c.ppo.kl_horizon)
         else:
             kl = kl_lib.fixed_kl_controller(c.ppo.kl_coef)
-        return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params), kl=kl,
-                          key=jax.random.PRNGKey(c.seed), data_epoch=jnp.int32(0), data_offset=jnp.int32(0),
-                          score_stats=jnp.zeros((3,), jnp.float32))
+        # The optimizer state is made on the mesh, shaped and sharded like the params it follows.
+        opt_shardings = state_shardings(jax.eval_shape(self.optimizer.init, params), self.mesh)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
+        state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, kl=kl,
+                           key=jax.random.PRNGKey(c.seed), data_epoch=jnp.int32(0), data_offset=jnp.int32(0),
+                           score_stats=jnp.zeros((3,), jnp.float32))
+        self.state_sharding = state_shardings(state, self.mesh)
+        self._update = jax.jit(self._update_fn, donate_argnums=(0,),
+                               out_shardings=(self.state_sharding, replicated(self.mesh)))
+        return jax.device_put(state, self.state_sharding)
 
     # ---------------------------------------------------------------- jitted pieces
     def _build_functions(self) -> None:
@@ -334,7 +381,7 @@ class PPOTrainer:
                                       score_stats=score_stats)
             return new_state, metrics
 
-        self._update = jax.jit(update, donate_argnums=(0,))
+        self._update_fn = update  # jitted in init_state, once the state's shardings are known
 
     def _measure_reference_scores(self) -> None:
         """Gain and offset that give the reference policy's samples mean 0 and std 1 (fixed keys, so a
@@ -344,7 +391,8 @@ class PPOTrainer:
         for i in range(c.reward.normalize_batches):
             index = np.random.default_rng([c.seed, 99, i]).choice(len(self.prompt_texts), c.train.rollout_batch_size,
                                                                    replace=False)
-            prompt_ids, prompt_mask = jnp.asarray(self.prompt_ids[index]), jnp.asarray(self.prompt_mask[index])
+            prompt_ids, prompt_mask = self.to_device_batch(self.prompt_ids[index]), self.to_device_batch(
+                self.prompt_mask[index])
             out = self.generate(self.ref_params, prompt_ids, prompt_mask, jax.random.PRNGKey(10_000 + i),
                                 graphdef=self.ref_graphdef)
             ids, mask = _join(prompt_ids, prompt_mask, out)
@@ -358,7 +406,7 @@ class PPOTrainer:
 
     def _decode(self, index, out):
         """(prompt texts, response texts without special tokens, response lengths)."""
-        response_ids, lengths = np.asarray(out["response_ids"]), np.asarray(out["lengths"])
+        response_ids, lengths = self.local_rows(out["response_ids"]), self.local_rows(out["lengths"])
         prompts = [self.prompt_texts[i] for i in index]
         responses = self.tokenizer.batch_decode([r[:n] for r, n in zip(response_ids, lengths)],
                                                 skip_special_tokens=True)
@@ -383,7 +431,8 @@ class PPOTrainer:
         t0 = time.perf_counter()
         self.iterator.restore({"epoch": int(state.data_epoch), "offset": int(state.data_offset)})
         index = self.iterator.next()
-        prompt_ids, prompt_mask = jnp.asarray(self.prompt_ids[index]), jnp.asarray(self.prompt_mask[index])
+        prompt_ids = self.to_device_batch(self.prompt_ids[index])
+        prompt_mask = self.to_device_batch(self.prompt_mask[index])
         gen_key = jax.random.fold_in(state.key, 1)
         out = self.generate(self.policy_params(state), prompt_ids, prompt_mask, gen_key)
         jax.block_until_ready(out["response_ids"])
@@ -398,7 +447,7 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         prompts, responses, lengths = self._decode(index, out)
-        response_ids = np.asarray(out["response_ids"])
+        response_ids = self.local_rows(out["response_ids"])
         scores = self.scores_for(prompts, responses, ids, mask)
         step = int(state.step)
         if not np.all(np.isfinite(scores)):
@@ -413,7 +462,7 @@ class PPOTrainer:
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": out["response_ids"],
                  "response_mask": out["response_mask"], "logprobs": out["logprobs"], "ref_logprobs": ref_logprobs,
                  "values": out["values"] if self.shared_value else values}
-        state, metrics = self._update(state, self.frozen, batch, jnp.asarray(scores))
+        state, metrics = self._update(state, self.frozen, batch, self.to_device_batch(scores))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         timings["time/update"] = time.perf_counter() - t0
 
@@ -423,7 +472,8 @@ class PPOTrainer:
                 f"iteration {step}: non-finite loss or gradient in {int(nonfinite)} of "
                 f"{c.ppo.num_ppo_epochs * c.ppo.num_mini_batches} PPO steps (those steps were not applied; "
                 "set config.train.on_nonfinite='skip' to carry on)")
-        state = state.replace(data_epoch=jnp.int32(self.iterator.epoch), data_offset=jnp.int32(self.iterator.offset))
+        position = {"data_epoch": jnp.int32(self.iterator.epoch), "data_offset": jnp.int32(self.iterator.offset)}
+        state = state.replace(**jax.device_put(position, replicated(self.mesh)))
         metrics.update(timings)
         metrics.update(extra)
         metrics["time/iteration"] = sum(timings.values())
@@ -433,7 +483,8 @@ class PPOTrainer:
         metrics["speed/generated_tokens_per_s"] = n_tokens / max(timings["time/generate"], 1e-9)
         samples = []
         if want_samples:
-            kl_rows = (np.asarray(out["logprobs"]) - np.asarray(ref_logprobs)) * np.asarray(out["response_mask"])
+            kl_rows = ((self.local_rows(out["logprobs"]) - self.local_rows(ref_logprobs))
+                       * self.local_rows(out["response_mask"]))
             for i in range(min(c.logging.num_samples, len(prompts))):
                 samples.append({"prompt": prompts[i], "response": responses[i], "score": float(scores[i]),
                                 "kl": float(kl_rows[i].sum())})

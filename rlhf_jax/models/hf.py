@@ -211,12 +211,14 @@ def read_hf_config(path: str) -> dict:
 
 
 def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = False,
-                    dtype: str = "float32", param_dtype: str = "float32"):
+                    dtype: str = "float32", param_dtype: str = "float32", mesh=None):
     """Load a local HF folder into a `CausalLM` (kind="causal_lm") or a `ScalarModel` (kind="scalar").
 
     Reads config.json and model.safetensors (or a sharded index). Every tensor
     is checked: a missing, unexpected or misshapen tensor raises CheckpointError naming it.
     Pass `read_hf_config(path)` to `save_pretrained` to carry the original config.json fields over.
+    With a `mesh`, each tensor goes from host memory straight to its shards (rlhf_jax.sharding rules),
+    never whole onto one device.
     """
     hf = read_hf_config(path)
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
@@ -231,7 +233,7 @@ def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = Fa
     loaded = {}
     for ours, shape in expected.items():
         if ours[0] == "value_head":  # not in HF checkpoints: starts at zero
-            loaded[ours] = jnp.zeros(shape.shape, shape.dtype)
+            loaded[ours] = _place(np.zeros(shape.shape, shape.dtype), ours, mesh)
             continue
         hf_name, how = key_map[ours]
         if hf_name not in tensors:
@@ -242,7 +244,7 @@ def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = Fa
                 f"misshapen tensor {hf_name!r} in {path!r}: expected {tuple(shape.shape)} "
                 f"(after transform {how or 'none'}), found {tuple(value.shape)}")
         used.add(hf_name)
-        loaded[ours] = jnp.asarray(value, dtype=shape.dtype)
+        loaded[ours] = _place(np.asarray(value).astype(shape.dtype), ours, mesh)
     unexpected = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)
                         and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
     if unexpected:
@@ -250,6 +252,13 @@ def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = Fa
                               f"{' ...' if len(unexpected) > 5 else ''}")
     nnx.replace_by_pure_dict(state, _unflatten(loaded))
     return nnx.merge(graphdef, state)
+
+
+def _place(value: np.ndarray, path: tuple, mesh):
+    if mesh is None:
+        return jnp.asarray(value)
+    from rlhf_jax.sharding import spec_for
+    return jax.device_put(value, jax.sharding.NamedSharding(mesh, spec_for(path, value.shape, mesh)))
 
 
 def export_tensors(params, cfg: ModelConfig, kind: str = "causal_lm") -> dict[str, np.ndarray]:

@@ -1,0 +1,136 @@
+"""Device meshes and partition rules: data, FSDP and tensor parallelism with jit + shardings.
+
+- `make_mesh(data, fsdp, tensor)`: -1 means "the rest of the devices".
+- `param_specs(params)`: a PartitionSpec per parameter from its path: FSDP over the embedding
+  dimension, tensor parallelism over heads and the MLP hidden dimension, the vocabulary over
+  "tensor". A dimension that the mesh axis does not divide stays unsharded.
+- `batch_spec`: the leading (batch) axis over ("data", "fsdp").
+
+The same jitted functions run on one CPU, a simulated 8-device mesh and a pod; GSPMD inserts
+the collectives. `jax.pmap`/`shard_map` users pass `axis_name` to `ppo_update` and
+`masked_whiten` instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (path suffix, spec of the kernel's axes); the input axis of a projection into the residual
+# stream is "tensor" (heads / hidden units), its output axis "fsdp", and the reverse going out.
+_KERNEL_RULES = {
+    "q_proj": ("fsdp", "tensor"), "k_proj": ("fsdp", "tensor"), "v_proj": ("fsdp", "tensor"),
+    "gate_proj": ("fsdp", "tensor"), "up_proj": ("fsdp", "tensor"),
+    "o_proj": ("tensor", "fsdp"), "down_proj": ("tensor", "fsdp"),
+    "lm_head": ("fsdp", "tensor"), "value_head": ("fsdp", None), "score": ("fsdp", None),
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), one axis may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices do not divide by {known} (data*fsdp*tensor = {sizes})")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) > len(devices) or len(devices) % math.prod(sizes):
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} does not fit {len(devices)} devices")
+    # A fully specified smaller mesh uses the first devices (e.g. 1x1x1 for a single-device run).
+    grid = np.asarray(devices[:math.prod(sizes)]).reshape(sizes)
+    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _fit(spec, shape, mesh: Mesh) -> P:
+    """Drop mesh axes that do not divide their dimension."""
+    fitted = []
+    for axis, dim in zip(spec, shape):
+        fitted.append(axis if axis is not None and dim % mesh.shape[axis] == 0 else None)
+    return P(*fitted)
+
+
+def spec_for(path: tuple, shape: tuple, mesh: Mesh) -> P:
+    """The PartitionSpec of one parameter, from its path in the params tree."""
+    names = [str(p) for p in path]
+    leaf = names[-1]
+    if len(shape) == 0:
+        return P()
+    owner = next((n for n in reversed(names[:-1]) if n in _KERNEL_RULES), None)
+    if leaf == "embed":
+        return _fit(("tensor", "fsdp"), shape, mesh)
+    if leaf == "pos_embed":
+        return _fit((None, "fsdp"), shape, mesh)
+    if owner is not None:
+        rule = _KERNEL_RULES[owner]
+        if leaf == "kernel":
+            return _fit(rule, shape, mesh)
+        if leaf == "bias":
+            return _fit((rule[1],), shape, mesh)
+        if leaf == "lora_a":
+            return _fit((rule[0], None), shape, mesh)
+        if leaf == "lora_b":
+            return _fit((None, rule[1]), shape, mesh)
+    return P(*([None] * len(shape)))  # norms and anything small: replicated
+
+
+def _path_keys(path) -> tuple:
+    keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    # An nnx Variable flattens to its value: drop that last step so the path ends at the param's name.
+    return keys[:-1] if keys and keys[-1] == "value" else keys
+
+
+def param_shardings(params, mesh: Mesh):
+    """A NamedSharding for every leaf of a params tree (an nnx.State or a dict of them)."""
+    def one(path, leaf):
+        return NamedSharding(mesh, spec_for(_path_keys(path), np.shape(leaf), mesh))
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over (data, fsdp); the other axes replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_like(tree, shardings):
+    """device_put every leaf onto its sharding (host arrays go straight to their shards)."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def state_shardings(state, mesh: Mesh):
+    """Shardings of a trainer TrainState: params and optimizer moments by the partition rules
+    (an optimizer leaf shaped like a param follows that param's path), scalars replicated."""
+    def one(path, leaf):
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            return replicated(mesh)
+        keys = _path_keys(path)
+        # Optimizer moments mirror the params' tree below the optimizer's own nesting: find the
+        # first key of a model path and apply the rule from there.
+        for start, key in enumerate(keys):
+            if key in ("backbone", "lm_head", "value_head", "score"):
+                return NamedSharding(mesh, spec_for(keys[start:], shape, mesh))
+        return replicated(mesh)
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def bytes_per_device(tree) -> dict:
+    """Bytes of `tree`'s arrays held by each device (from the arrays' addressable shards)."""
+    per: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return per

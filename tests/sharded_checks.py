@@ -1,0 +1,161 @@
+"""Checks on a simulated 8-device mesh. Run by tests/test_sharding.py in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (the flag must be set before jax starts)."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rlhf_jax import ppo
+from rlhf_jax.advantages import masked_whiten
+from rlhf_jax.models import CausalLM, gpt2_config
+from rlhf_jax.sampling import generate
+from rlhf_jax.sharding import batch_sharding, bytes_per_device, make_mesh, param_shardings, shard_like
+from rlhf_jax.trainer import PPOTrainer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import tiny  # noqa: E402
+
+pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs the 8-device simulated mesh")
+
+
+def mesh_config(data, fsdp=1, tensor=1):
+    c = tiny.get_config()
+    c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    c.logging.progress = False
+    c.logging.tensorboard = False
+    c.checkpoint.every = 0
+    c.checkpoint.async_save = False
+    return c
+
+
+def one_iteration(config, workdir):
+    trainer = PPOTrainer(config, str(workdir))
+    state, metrics, _ = trainer.iteration(trainer.init_state())
+    return trainer, state, metrics
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory):
+    return one_iteration(mesh_config(1, 1, 1), tmp_path_factory.mktemp("single"))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 1, 4)])
+def test_ppo_iteration_matches_single_device(single_device, tmp_path, shape):
+    _, reference, ref_metrics = single_device
+    trainer, state, metrics = one_iteration(mesh_config(*shape), tmp_path)
+    assert trainer.mesh.devices.size == 8
+    # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise can move a step by up to
+    # the learning rate. So: almost every element within 1e-5, none beyond a few Adam steps.
+    lr, steps = trainer.config.optim.learning_rate, 4
+    for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(state.params)):
+        diff = np.abs(np.asarray(a) - np.asarray(b))
+        assert np.sum(diff > 1e-5) <= max(2, 0.005 * diff.size), np.sum(diff > 1e-5)
+        assert diff.max() < lr * steps, diff.max()
+    assert metrics["objective/scores"] == pytest.approx(ref_metrics["objective/scores"], abs=1e-6)
+    # The params really are spread over the mesh (not gathered onto one device).
+    kernel = state.params["policy"]["backbone"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert len({s.device for s in kernel.addressable_shards}) == 8
+    if shape[1] > 1 or shape[2] > 1:
+        assert kernel.addressable_shards[0].data.size < kernel.size
+
+
+def test_fsdp8_holds_an_eighth_per_device(tmp_path):
+    config = mesh_config(1, 8, 1)
+    config.model.builtin.update(hidden_size=64, num_heads=4)
+    trainer = PPOTrainer(config, str(tmp_path))
+    state = trainer.init_state()
+    tree = (state.params, state.opt_state)
+    total = sum(x.nbytes for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+    per_device = bytes_per_device(tree)
+    assert len(per_device) == 8
+    assert max(per_device.values()) <= 1.15 * total / 8, (max(per_device.values()), total / 8)
+
+
+def test_generate_on_a_sharded_batch_equals_unsharded():
+    cfg = gpt2_config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32)
+    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(0)
+    ids = rng.randint(2, 48, (16, 5)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[::3, :2] = 0
+    kw = dict(max_new_tokens=6, temperature=1.0, eos_ids=(1,), pad_id=0)
+    plain = generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(3), **kw)
+    mesh = make_mesh(2, 2, 2)
+    sharded_params = shard_like(params, param_shardings(params, mesh))
+    put = lambda x: jax.device_put(x, batch_sharding(mesh))
+    sharded = generate(graphdef, sharded_params, put(ids), put(mask), jax.random.PRNGKey(3), **kw)
+    np.testing.assert_array_equal(np.asarray(plain["response_ids"]), np.asarray(sharded["response_ids"]))
+    np.testing.assert_allclose(np.asarray(plain["logprobs"]), np.asarray(sharded["logprobs"]), atol=1e-5)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    from rlhf_jax.train import train
+    config = mesh_config(8, 1, 1)
+    config.train.num_iterations = 1
+    train(config, str(tmp_path))
+    config = mesh_config(2, 4, 1)
+    config.train.num_iterations = 2
+    trainer, state, history = train(config, str(tmp_path))
+    assert int(state.step) == 2 and len(history) == 1  # resumed from the data=8 checkpoint
+    kernel = state.params["policy"]["backbone"]["layers"][0]["attn"]["q_proj"]["kernel"]
+    assert kernel.sharding.mesh.shape == trainer.mesh.shape and trainer.mesh.shape["fsdp"] == 4
+
+
+def toy_update_inputs():
+    """A tiny model, a rollout batch with full masks (equal token counts per device), an optimizer."""
+    cfg = gpt2_config(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16)
+    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(1), value_head=True))
+    rng = np.random.RandomState(4)
+    b, p, r = 16, 3, 4
+    batch = {
+        "prompt_ids": rng.randint(2, 32, (b, p)).astype(np.int32), "prompt_mask": np.ones((b, p), np.int32),
+        "response_ids": rng.randint(2, 32, (b, r)).astype(np.int32), "response_mask": np.ones((b, r), np.int32),
+        "logprobs": (rng.randn(b, r) * 0.1 - 3.4).astype(np.float32), "values": rng.randn(b, r).astype(np.float32),
+        "advantages": rng.randn(b, r).astype(np.float32), "returns": rng.randn(b, r).astype(np.float32),
+    }
+
+    def forward(params, mb):
+        ids = jnp.concatenate([mb["prompt_ids"], mb["response_ids"]], 1)
+        mask = jnp.concatenate([mb["prompt_mask"], mb["response_mask"]], 1)
+        out = nnx.merge(graphdef, params)(ids, mask)
+        return out["logits"][:, p - 1:-1], out["values"][:, p - 1:-1]
+
+    loss_fn = ppo.lm_ppo_loss(forward, temperature=1.0, cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
+    return params, batch, loss_fn, optax.adam(1e-2)
+
+
+def test_pmap_update_equals_jit_sharded_data8():
+    params, batch, loss_fn, optimizer = toy_update_inputs()
+    opt_state = optimizer.init(params)
+    kw = dict(loss_fn=loss_fn, optimizer=optimizer, num_epochs=1, num_minibatches=1)
+    mesh = make_mesh(8, 1, 1)
+    sharded = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+    jit_params, _, jit_stats = jax.jit(lambda p, o, b: ppo.ppo_update(p, o, b, jax.random.PRNGKey(0), **kw))(
+        params, opt_state, sharded)
+
+    def per_device(p, o, b):
+        return ppo.ppo_update(p, o, b, jax.random.PRNGKey(0), axis_name="data", **kw)
+
+    split = {k: v.reshape(8, -1, *v.shape[1:]) for k, v in batch.items()}
+    replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * 8), tree)
+    pmap_params, _, pmap_stats = jax.pmap(per_device, axis_name="data")(replicate(params), replicate(opt_state), split)
+    for a, b in zip(jax.tree.leaves(jit_params), jax.tree.leaves(pmap_params)):
+        for device in range(8):
+            np.testing.assert_allclose(np.asarray(b)[device], np.asarray(a), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(pmap_stats["loss"])[0], float(jit_stats["loss"]), atol=1e-6)
+
+
+def test_masked_whiten_with_axis_name_uses_global_statistics():
+    rng = np.random.RandomState(5)
+    x = rng.randn(16, 6).astype(np.float32)
+    mask = rng.rand(16, 6) > 0.4
+    expected = np.asarray(masked_whiten(jnp.asarray(x), jnp.asarray(mask)))
+    got = jax.pmap(lambda a, m: masked_whiten(a, m, axis_name="d"), axis_name="d")(
+        x.reshape(8, 2, 6), mask.reshape(8, 2, 6))
+    np.testing.assert_allclose(np.asarray(got).reshape(16, 6), expected, atol=1e-5)
