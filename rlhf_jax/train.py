@@ -12,13 +12,11 @@ import json
 import logging
 import os
 import signal
-import sys
 from typing import Callable
 
 import jax
 
 from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.config import ConfigError
 from rlhf_jax.metrics import MetricWriter
 from rlhf_jax.trainer import PPOTrainer, TrainState, params_are_finite
 
@@ -56,6 +54,9 @@ def train(config, workdir: str, extra_metrics: dict[str, Callable] | None = None
 
     `num_iterations` stops early (after that many iterations in total) without changing the schedule.
     """
+    if config.mesh.distributed and jax.process_count() == 1:
+        # Multi-host (TPU pods, multi-node GPU): one process per host, coordinated by JAX's runtime.
+        jax.distributed.initialize()
     os.makedirs(workdir, exist_ok=True)
     trainer = PPOTrainer(config, workdir, extra_metrics)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep,
@@ -106,16 +107,9 @@ def train(config, workdir: str, extra_metrics: dict[str, Callable] | None = None
     return trainer, state, history
 
 
-def _main(argv):
+def _main(config, workdir):
     from absl import flags
-    del argv
-    config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir
-    try:
-        trainer, state, history = train(config, workdir)
-    except (ConfigError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    trainer, state, history = train(config, workdir)
     if history:
         last = history[-1]
         print(json.dumps({"step": int(state.step), "objective/scores": last["objective/scores"],
@@ -127,22 +121,11 @@ def _main(argv):
 
 def run():
     """Console entry point (`rlhf-jax-train`)."""
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    config_flags.DEFINE_config_file("config", None, "Path to a config file (a get_config() -> ConfigDict).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
-    flags.DEFINE_string("export_dir", "", "Also write the final policy here as an HF folder.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
-    try:
-        app.run(_main)
-    except (AttributeError, KeyError) as e:
-        # ml_collections raises these, with a traceback, for an override of a key that does not exist.
-        print(f"error: bad config override: {e}", file=sys.stderr)
-        sys.exit(2)
+    from rlhf_jax.cli import run_cli
+    run_cli(_main, "Path to a config file (a get_config() -> ConfigDict).",
+            lambda: flags.DEFINE_string("export_dir", "", "Also write the final policy here as an HF folder."))
 
 
 if __name__ == "__main__":

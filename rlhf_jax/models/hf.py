@@ -192,7 +192,8 @@ def _flat_params(state) -> dict[tuple, Any]:
     return flat
 
 
-def _unflatten(flat: dict[tuple, Any]) -> dict:
+def unflatten(flat: dict[tuple, Any]) -> dict:
+    """{(a, b, c): x} -> {a: {b: {c: x}}}."""
     nested: dict = {}
     for path, value in flat.items():
         node = nested
@@ -250,7 +251,7 @@ def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = Fa
     if unexpected:
         raise CheckpointError(f"unexpected tensor(s) in {path!r}: {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''}")
-    nnx.replace_by_pure_dict(state, _unflatten(loaded))
+    nnx.replace_by_pure_dict(state, unflatten(loaded))
     return nnx.merge(graphdef, state)
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from rlhf_jax.models.heads import CausalLM
+from rlhf_jax.models.hf import unflatten
 
 # What trains in a LoRA run: the adapters and a value head on the shared trunk.
 TRAINABLE = nnx.Any(nnx.LoRAParam, nnx.PathContains("value_head"))
@@ -36,19 +37,9 @@ def with_lora(model: CausalLM, rank: int, alpha: float, targets, seed: int = 0) 
             fresh[path] = jax.random.normal(jax.random.fold_in(key, i), shape, dtype) / np.sqrt(shape[0])
         else:
             fresh[path] = jnp.zeros(shape, dtype)
-    nnx.replace_by_pure_dict(lora_state, _nest(fresh))
+    nnx.replace_by_pure_dict(lora_state, unflatten(fresh))
     base_state = nnx.state(model)
     return nnx.merge(graphdef, lora_state, base_state)
-
-
-def _nest(flat: dict) -> dict:
-    nested: dict = {}
-    for path, value in flat.items():
-        node = nested
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return nested
 
 
 def merged_params(model: CausalLM):

@@ -1,0 +1,219 @@
+"""Seconds per PPO iteration of rlhf_jax at the reference configs, optionally side by side with the
+peers' harnesses (TRL, Tunix) from ../shared/bench. The last line printed is one JSON object.
+
+    python scripts/benchmark.py --preset small                 # 4 layers, width 256, 4 heads
+    python scripts/benchmark.py --preset large                 # 6 layers, width 512, 8 heads
+    python scripts/benchmark.py --preset small --value_model shared
+    python scripts/benchmark.py --preset small --peers --rounds 3   # ours, TRL, Tunix alternating
+
+The reference config: GPT-2-architecture policy, vocabulary 1024, f32; rollout batch 32, prompt 16,
+response 32 with no early EOS; 1 PPO epoch, 1 minibatch; a reference copy, a learned reward model
+of the same size scored on device, and a separate value model of the same size (the peers'
+architecture) or, with --value_model shared, a value head on the policy's trunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PRESETS = {"small": dict(layers=4, width=256, heads=4), "large": dict(layers=6, width=512, heads=8)}
+
+
+def build_assets(root: str, args) -> tuple[str, str, str]:
+    """A word-level tokenizer with `vocab` tokens, a random reward model folder, a prompts file."""
+    import numpy as np
+    from flax import nnx
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf_jax.models import ScalarModel, gpt2_config, save_pretrained
+
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(args.vocab - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok_dir = os.path.join(root, "tokenizer")
+    fast.save_pretrained(tok_dir)
+    cfg = gpt2_config(vocab_size=args.vocab, hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
+                      max_position_embeddings=args.prompt_len + args.response_len)
+    rm_dir = os.path.join(root, "reward_model")
+    save_pretrained(ScalarModel(cfg, rngs=nnx.Rngs(7)), rm_dir, hf_config={"pad_token_id": 0, "eos_token_id": 1})
+    rng = np.random.default_rng(0)
+    prompts = os.path.join(root, "prompts.jsonl")
+    with open(prompts, "w") as f:
+        for _ in range(512):
+            f.write(json.dumps({"prompt": " ".join(f"w{i}" for i in rng.integers(0, args.vocab - 3, args.prompt_len))})
+                    + "\n")
+    return tok_dir, rm_dir, prompts
+
+
+def make_config(args, tok_dir, rm_dir, prompts):
+    from rlhf_jax.config import base_config
+    c = base_config()
+    c.model.builtin.update(family="gpt2", hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
+                           max_position_embeddings=args.prompt_len + args.response_len)
+    c.model.value_model = args.value_model
+    c.tokenizer.path = tok_dir
+    c.reward.update(kind="model", model_path=rm_dir)
+    c.data.update(path=prompts, max_prompt_len=args.prompt_len)
+    c.sampling.update(max_new_tokens=args.response_len, temperature=0.7)
+    c.train.update(rollout_batch_size=args.batch, num_iterations=args.iters + 1)
+    c.ppo.update(num_ppo_epochs=1, num_mini_batches=1, kl_coef=0.05, vf_coef=0.1)
+    c.optim.update(learning_rate=3e-6)
+    c.logging.update(progress=False, tensorboard=False, samples_every=0)
+    return c
+
+
+def measure_peak(width: int, tokens: int) -> float:
+    """FLOP/s of a jitted f32 matmul shaped like the update's biggest ones: [tokens, width] x [width, 4 width]."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((tokens, width), jnp.float32)
+    b = jnp.ones((width, 4 * width), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * tokens * width * 4 * width / statistics.median(times)
+
+
+def compiled_flops(jitted, *args) -> float:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def run_ours(args) -> dict:
+    import jax
+    from rlhf_jax.trainer import PPOTrainer
+
+    root = tempfile.mkdtemp(prefix="rlhf_bench_")
+    tok_dir, rm_dir, prompts = build_assets(root, args)
+    config = make_config(args, tok_dir, rm_dir, prompts)
+    t0 = time.perf_counter()
+    trainer = PPOTrainer(config, root)
+    # The reference config generates every token (no early EOS), like the peers' harnesses.
+    trainer._generate_kwargs["eos_ids"] = ()
+    state = trainer.init_state()
+    state, _, _ = trainer.iteration(state)  # compiles
+    compile_s = time.perf_counter() - t0
+    jitted = [trainer._update, trainer.reference_forward]
+    compiles_before = sum(f._cache_size() for f in jitted)
+    from rlhf_jax.sampling import generate
+    gen_before = generate._cache_size()
+    times, phases = [], {}
+    for _ in range(args.iters):
+        state, metrics, _ = trainer.iteration(state)
+        times.append(metrics["time/iteration"])
+        for k, v in metrics.items():
+            if k.startswith("time/") and k != "time/iteration":
+                phases.setdefault(k[5:], []).append(v)
+    compiles_after = sum(f._cache_size() for f in jitted) - compiles_before + generate._cache_size() - gen_before
+
+    # FLOPs of one iteration's jitted work, from XLA's cost analysis of the compiled programs.
+    prompt_ids = trainer.to_device_batch(trainer.prompt_ids[:args.batch])
+    prompt_mask = trainer.to_device_batch(trainer.prompt_mask[:args.batch])
+    out = trainer.generate(trainer.policy_params(state), prompt_ids, prompt_mask, jax.random.PRNGKey(0))
+    import jax.numpy as jnp
+    ids = jnp.concatenate([prompt_ids, out["response_ids"]], 1)
+    mask = jnp.concatenate([prompt_mask, out["response_mask"]], 1)
+    ref_lp, values = trainer.reference_forward(trainer.ref_params, state.params.get("value"), ids, mask,
+                                               out["response_ids"])
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": out["response_ids"],
+             "response_mask": out["response_mask"], "logprobs": out["logprobs"], "ref_logprobs": ref_lp,
+             "values": out["values"] if trainer.shared_value else values}
+    scores = trainer.to_device_batch(jnp.zeros((args.batch,), jnp.float32))
+    update_flops = compiled_flops(trainer._update, state, trainer.frozen, batch, scores)
+    forward_flops = compiled_flops(trainer.reference_forward, trainer.ref_params, state.params.get("value"), ids,
+                                   mask, out["response_ids"])
+    rm_flops = compiled_flops(trainer._reward_model, trainer.rm_params, ids, mask)
+    # Generation: per token ~2 x params (the while loop's body is not unrolled in the cost analysis).
+    n_params = sum(x.size for x in jax.tree.leaves(trainer.ref_params))
+    gen_flops = 2.0 * n_params * args.batch * (args.prompt_len + args.response_len)
+    total_flops = update_flops + forward_flops + rm_flops + gen_flops
+    peak = measure_peak(args.width, args.batch * (args.prompt_len + args.response_len))
+    median = statistics.median(times)
+    update_s = statistics.median(phases["update"])
+    return {
+        "sec_per_iter_median": median,
+        "phase_sec_median": {k: statistics.median(v) for k, v in phases.items()},
+        "gen_tokens_per_s": args.batch * args.response_len / statistics.median(phases["generate"]),
+        "utilisation": total_flops / median / peak,
+        "update_utilisation": update_flops / update_s / peak,
+        "iteration_gflop": total_flops / 1e9,
+        "matmul_peak_gflops": peak / 1e9,
+        "compile_s": compile_s,
+        "compiles_after_first": int(compiles_after),
+    }
+
+
+def run_peers(preset: str) -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    bench = os.path.join(here, "..", "..", "shared", "bench", "run_peers.sh")
+    if not os.path.exists(bench):
+        raise FileNotFoundError(f"no peer harness at {bench} (expected ../shared/bench beside the project)")
+    out = subprocess.run(["bash", bench, preset], capture_output=True, text=True, timeout=3600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if len(lines) < 2:
+        raise RuntimeError(f"the peer harnesses printed no results: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+    return {"trl": json.loads(lines[0]), "tunix": json.loads(lines[1])}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--response_len", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations after the first (compiling) one")
+    parser.add_argument("--value_model", choices=["separate", "shared"], default="separate")
+    parser.add_argument("--peers", action="store_true", help="also run TRL and Tunix (../shared/bench), alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="with --peers: alternating rounds")
+    parser.add_argument("--_ours_only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args._ours_only or not args.peers:
+        result = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")}, **run_ours(args)}
+        print(json.dumps(result))
+        return
+    # Alternate whole processes (ours, then the peers) so machine load hits all alike.
+    ours, trl, tunix = [], [], []
+    for _ in range(args.rounds):
+        cmd = [sys.executable, os.path.abspath(__file__), "--_ours_only"] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("peers", "rounds", "_ours_only")]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        ours.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        peers = run_peers(args.preset)
+        trl.append(peers["trl"])
+        tunix.append(peers["tunix"])
+    med = lambda rows, key: statistics.median(r[key] for r in rows)
+    ours_s = med(ours, "sec_per_iter_median")
+    result = {
+        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "ours_sec_per_iter": ours_s, "trl_sec_per_iter": med(trl, "sec_per_iter_median"),
+        "tunix_sec_per_iter": med(tunix, "sec_per_iter_median"),
+        "speedup_vs_trl": med(trl, "sec_per_iter_median") / ours_s,
+        "speedup_vs_tunix": med(tunix, "sec_per_iter_median") / ours_s,
+        "ours": ours, "trl": trl, "tunix": tunix, "load_avg": os.getloadavg(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
