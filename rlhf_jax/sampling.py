@@ -76,10 +76,10 @@ def categorical(key, logits):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
-                     "with_values", "num_streams"))
+                     "with_values"))
 def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_ids: Sequence[int] = (), pad_id: int = 0, with_values: bool = False, num_streams: int = 1):
+             eos_ids: Sequence[int] = (), pad_id: int = 0, with_values: bool = False):
     """Sample `max_new_tokens` continuations of a batch of prompts.
 
     Args:
@@ -92,9 +92,6 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
       pad_id: written after a row's EOS.
       with_values: also return the value head's output at each sampled position
         (the model must have a value head); costs no extra forward.
-      num_streams: decode the rows as this many independent groups in one loop; XLA runs the
-        groups' small matmuls concurrently, which on a multi-core CPU is faster than one batch.
-        The samples do not depend on it.
 
     Returns a dict:
       response_ids: int32[batch, max_new_tokens], pad after EOS;
@@ -114,17 +111,8 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
             f"max_position_embeddings = {cfg.max_position_embeddings}")
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-    if batch % num_streams:
-        raise ValueError(f"batch {batch} does not split into num_streams={num_streams} streams")
-    rows = [slice(i * batch // num_streams, (i + 1) * batch // num_streams) for i in range(num_streams)]
-
-    def step_streams(ids, mask, caches):
-        """One backbone call per stream; returns the concatenated hidden states and the caches."""
-        outs = [model.backbone(ids[r], mask[r], c) for r, c in zip(rows, caches)]
-        return jnp.concatenate([h for h, _ in outs]), tuple(c for _, c in outs)
-
-    caches = tuple(init_cache(cfg, batch // num_streams, prompt_len + max_new_tokens) for _ in rows)
-    hidden, caches = step_streams(prompt_ids, prompt_mask, caches)
+    cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
+    hidden, cache = model.backbone(prompt_ids, prompt_mask, cache)
     hidden = jnp.take_along_axis(hidden, last_token_index(prompt_mask)[:, None, None], axis=1)[:, 0]
 
     def emit(step, hidden, done, buffers, key_step):
@@ -154,12 +142,12 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, token, live, done, caches, buffers = carry
-        hidden, caches = step_streams(token[:, None], live[:, None].astype(jnp.int32), caches)
+        step, token, live, done, cache, buffers = carry
+        hidden, cache = model.backbone(token[:, None], live[:, None].astype(jnp.int32), cache)
         token, live, done, buffers = emit(step, hidden[:, 0], done, buffers, jax.random.fold_in(key, step))
-        return step + 1, token, live, done, caches, buffers
+        return step + 1, token, live, done, cache, buffers
 
-    carry = (jnp.ones((), jnp.int32), token, live, done, caches, buffers)
+    carry = (jnp.ones((), jnp.int32), token, live, done, cache, buffers)
     *_, buffers = jax.lax.while_loop(cond, body, carry)
     buffers["lengths"] = buffers["response_mask"].sum(-1)
     return buffers

@@ -34,7 +34,6 @@ def main():
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--no_torch", action="store_true", help="time ours only")
-    parser.add_argument("--num_streams", type=int, default=2, help="generate()'s independent decode streams")
     args = parser.parse_args()
 
     cfg = gpt2_config(vocab_size=args.vocab, hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
@@ -48,8 +47,7 @@ def main():
 
     def ours(seed):
         out = generate(graphdef, params, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(seed),
-                       max_new_tokens=args.new_tokens, temperature=1.0, eos_ids=(), pad_id=0,
-                       num_streams=args.num_streams)
+                       max_new_tokens=args.new_tokens, temperature=1.0, eos_ids=(), pad_id=0)
         jax.block_until_ready(out["response_ids"])
 
     t0 = time.perf_counter()
