@@ -164,8 +164,7 @@ class PPOTrainer:
             self.reward_fn = load_callable(config.reward.function)
         else:
             self.rm_graphdef, self.rm_params = nnx.split(load_pretrained(
-                config.reward.model_path, kind="scalar", dtype=config.model.dtype))
-            self.rm_params = shard_like(self.rm_params, param_shardings(self.rm_params, self.mesh))
+                config.reward.model_path, kind="scalar", dtype=config.model.dtype, mesh=self.mesh))
 
         self._load_prompts()
         self.iterator = PromptIterator(len(self.prompt_texts), config.train.rollout_batch_size, config.seed,
@@ -244,7 +243,7 @@ class PPOTrainer:
         c = self.config
         if c.model.value_path:
             return load_pretrained(c.model.value_path, kind="scalar", dtype=c.model.dtype,
-                                   param_dtype=c.model.param_dtype)
+                                   param_dtype=c.model.param_dtype, mesh=self.mesh)
         # Start from the policy's backbone (adapters folded in) with a zero head (first values are 0).
         cfg = policy.cfg.replace(lora_rank=0, lora_targets=())
         value = ScalarModel(cfg, rngs=nnx.Rngs(0), zero_head=True)
