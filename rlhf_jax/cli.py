@@ -22,11 +22,12 @@ def run_cli(main: Callable, config_help: str, extra_flags: Callable | None = Non
     if extra_flags is not None:
         extra_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax narrates every save at INFO
-
     def _main(argv):
         del argv
+        from absl import logging as absl_logging
+        # Orbax narrates every save at INFO through absl: keep warnings, and our own INFO lines.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger("rlhf_jax").setLevel(logging.INFO)
         try:
             main(flags.FLAGS.config, flags.FLAGS.workdir)
         except (ConfigError, FileNotFoundError, KeyError) as e:

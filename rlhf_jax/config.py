@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.value_path = ""  # separate value model from an HF scalar folder (e.g. the reward model)
     c.model.reference_path = ""  # empty: the reference is the initial policy
 
-    c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # empty: model.path
+    # path empty: model.path. pad_token: set a pad token (e.g. when the tokenizer's pad is its EOS).
+    c.tokenizer = ml_collections.ConfigDict(dict(path="", pad_token=""))
 
     # LoRA: the base stays frozen (one copy serves policy and reference), only the adapters (and the
     # value head of a shared trunk) train. The reference is the policy as RL starts: the bare base, or
@@ -48,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         path="",  # JSONL file or HF datasets folder; empty: the built-in review task's prompts
-        field="prompt", max_prompt_len=8, truncation="left", builtin_prompts=512))
+        field="prompt", max_prompt_len=8, truncation="left", builtin_prompts=512,
+        chat_template=False))  # wrap each prompt as a user turn with the tokenizer's chat template
 
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0))
 

@@ -84,6 +84,8 @@ def load_tokenizer(config, workdir: str | None):
         path = build_tokenizer(os.path.join(workdir or os.path.expanduser("~/.cache/rlhf_jax"), "tokenizer"))
     tokenizer = AutoTokenizer.from_pretrained(path)  # local folder; trust_remote_code stays off
     tokenizer.padding_side = "left"
+    if config.tokenizer.pad_token:
+        tokenizer.pad_token = config.tokenizer.pad_token
     validate_tokenizer(tokenizer)
     return tokenizer
 
@@ -258,6 +260,9 @@ class PPOTrainer:
         else:
             from rlhf_jax.tasks.reviews import sample_prompts
             raw = sample_prompts(c.data.builtin_prompts, seed=c.seed)
+        if c.data.chat_template:
+            raw = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                      add_generation_prompt=True) for p in raw]
         ids, mask, texts, report = tokenize_prompts(raw, self.tokenizer, c.data.max_prompt_len, c.data.truncation)
         if report.truncated or report.rejected_empty or report.rejected_too_long:
             log.warning("prompts: %d read, %d kept, %d cut from the left, %d rejected as too long, %d empty",

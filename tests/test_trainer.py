@@ -161,3 +161,16 @@ def test_non_finite_reward_names_the_iteration(tmp_path):
     with pytest.raises(FloatingPointError, match=r"iteration 0: non-finite reward"):
         train(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_pad_token_override_and_qa_reward(tmp_path):
+    from rlhf_jax.tasks.qa import short_factual_reward
+    from rlhf_jax.trainer import load_tokenizer
+    config = tiny_config()
+    config.tokenizer.pad_token = "<unk>"
+    assert load_tokenizer(config, str(tmp_path)).pad_token_id == 2
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    scores = short_factual_reward([prompt] * 3, ["Paris.", "The capital of France is Paris.", "Lyon."])
+    np.testing.assert_allclose(scores, [1 - 0.02, 1 - 0.12, -0.02], atol=1e-9)
+    with pytest.raises(KeyError, match="no known question"):
+        short_factual_reward(["what?"], ["x"])
