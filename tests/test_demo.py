@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 
-import pytest
 
 from rlhf_jax.tasks import reviews
 from rlhf_jax.tasks.demo import run_demo
