@@ -136,7 +136,6 @@ class PPOTrainer:
 
         policy = self._load_policy()
         validate_lengths(config, policy.cfg.max_position_embeddings)
-        self.model_cfg = policy.cfg
         self.lora = bool(config.lora.enabled)
         # Trainable params go into the train state; the frozen rest (the LoRA base) stays here, once.
         trainable = TRAINABLE if self.lora else nnx.Param
@@ -400,7 +399,8 @@ class PPOTrainer:
             out = self.generate(self.ref_params, prompt_ids, prompt_mask, jax.random.PRNGKey(10_000 + i),
                                 graphdef=self.ref_graphdef)
             ids, mask = _join(prompt_ids, prompt_mask, out)
-            prompts, responses, _ = self._decode(index, out)
+            prompts = [self.prompt_texts[i] for i in index]
+            responses, _, _ = self.decode_responses(out)
             scores.append(c.reward.scale * self.scores_for(prompts, responses, ids, mask) + c.reward.bias)
         scores = np.concatenate(scores)
         std = float(scores.std()) or 1.0
@@ -408,13 +408,14 @@ class PPOTrainer:
         log.info("reward normalisation from %d reference samples: mean %.4f, std %.4f", len(scores),
                  scores.mean(), std)
 
-    def _decode(self, index, out):
-        """(prompt texts, response texts without special tokens, response lengths)."""
+    def decode_responses(self, out):
+        """This host's rows of a `generate` output as (texts without special tokens, lengths,
+        whether each ended with EOS)."""
         response_ids, lengths = self.local_rows(out["response_ids"]), self.local_rows(out["lengths"])
-        prompts = [self.prompt_texts[i] for i in index]
-        responses = self.tokenizer.batch_decode([r[:n] for r, n in zip(response_ids, lengths)],
-                                                skip_special_tokens=True)
-        return prompts, responses, lengths
+        rows = [r[:n] for r, n in zip(response_ids, lengths)]
+        responses = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        ended = [bool(np.isin(r, self.eos_ids).any()) for r in rows]
+        return responses, lengths, ended
 
     # ---------------------------------------------------------------- one iteration
     def scores_for(self, prompts: list[str], responses: list[str], ids, mask) -> np.ndarray:
@@ -450,15 +451,14 @@ class PPOTrainer:
         timings["time/reference_value_forward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        prompts, responses, lengths = self._decode(index, out)
-        response_ids = self.local_rows(out["response_ids"])
+        prompts = [self.prompt_texts[i] for i in index]
+        responses, lengths, ended = self.decode_responses(out)
         scores = self.scores_for(prompts, responses, ids, mask)
         step = int(state.step)
         if not np.all(np.isfinite(scores)):
             bad = int(np.flatnonzero(~np.isfinite(scores))[0])
             raise FloatingPointError(f"iteration {step}: non-finite reward {scores[bad]} for response {bad} "
                                      f"({responses[bad]!r})")
-        ended = [bool(np.isin(r[:n], self.eos_ids).any()) for r, n in zip(response_ids, lengths)]
         extra = {name: float(np.mean(fn(prompts, responses, ended))) for name, fn in self.extra_metrics.items()}
         timings["time/reward"] = time.perf_counter() - t0
 

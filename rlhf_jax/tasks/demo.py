@@ -110,10 +110,7 @@ def evaluate(trainer, policy_params, n_batches: int = 4, seed: int = 1234, graph
         ref_logprobs, _ = trainer.reference_forward(trainer.ref_params, None, full, full_mask, out["response_ids"])
         resp_mask = np.asarray(out["response_mask"])
         kls.extend(((np.asarray(out["logprobs"]) - np.asarray(ref_logprobs)) * resp_mask).sum(1))
-        response_ids, lengths = np.asarray(out["response_ids"]), np.asarray(out["lengths"])
-        responses = trainer.tokenizer.batch_decode([r[:n] for r, n in zip(response_ids, lengths)],
-                                                   skip_special_tokens=True)
-        ended = [bool((r[:n] == trainer.eos_ids[0]).any()) for r, n in zip(response_ids, lengths)]
+        responses, _, ended = trainer.decode_responses(out)
         batch_prompts = texts[i * b:(i + 1) * b]
         rewards.extend(reviews.sentiment_reward(batch_prompts, responses))
         valid.extend(valid_fraction(batch_prompts, responses, ended))
