@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import Dense, Transformer
+from rlhf_jax.models.transformer import Dense, Transformer, matmul
 
 
 def last_token_index(mask):
@@ -49,7 +49,7 @@ class CausalLM(nnx.Module):
         """hidden: f[..., d] -> f32 logits [..., vocab]."""
         if self.lm_head is None:
             embed = self.backbone.embed[...].astype(hidden.dtype)
-            return jnp.dot(hidden, embed.T).astype(jnp.float32)
+            return matmul(hidden, embed.T).astype(jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
     def values(self, hidden):
