@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.heads import last_token_index
-from rlhf_jax.models.transformer import init_cache, transpose_kernels
+from rlhf_jax.models.transformer import init_cache
 from rlhf_jax.ops import token_logprobs
 
 _NEG_INF = -jnp.inf
@@ -114,8 +114,6 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
     hidden, cache = model.backbone(prompt_ids, prompt_mask, cache)
     hidden = jnp.take_along_axis(hidden, last_token_index(prompt_mask)[:, None, None], axis=1)[:, 0]
-    if jax.default_backend() == "cpu":
-        transpose_kernels(model)  # for the decode steps only (the prefill's big matmuls gain nothing)
 
     def emit(step, hidden, done, buffers, key_step):
         token, logprob = sample_token(model.logits(hidden), key_step, temperature, top_k, top_p)

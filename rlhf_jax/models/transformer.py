@@ -33,11 +33,6 @@ def matmul(x, w):
     return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
-def matmul_transposed(x, w_t):
-    """x[..., k] @ w_t[n, k].T, for a kernel stored (out, in)."""
-    return jnp.einsum("mk,nk->mn", x.reshape(-1, x.shape[-1]), w_t).reshape(*x.shape[:-1], w_t.shape[0])
-
-
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias) (+ LoRA: (x @ lora_a) @ lora_b * alpha / rank); kernel stored (in, out).
 
@@ -55,7 +50,6 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((out_features,), cfg.weight_dtype)) if use_bias else None
         self.dtype = cfg.compute_dtype
-        self.kernel_transposed = False  # see transpose_kernels
         if cfg.lora_rank and name in cfg.lora_targets:
             self.lora_a = nnx.LoRAParam(jax.random.normal(rngs.params(), (in_features, cfg.lora_rank),
                                                           cfg.weight_dtype) / math.sqrt(in_features))
@@ -73,25 +67,11 @@ class Dense(nnx.Module):
                       self.lora_b[...].astype(self.dtype)) * self.lora_scale
 
     def __call__(self, x):
-        kernel = self.kernel[...].astype(self.dtype)
-        x = x.astype(self.dtype)
-        y = matmul_transposed(x, kernel) if self.kernel_transposed else matmul(x, kernel)
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         delta = self.lora_delta(x)
         return y if delta is None else y + delta
-
-
-def transpose_kernels(model: nnx.Module) -> None:
-    """Store every Dense kernel of `model` as (out, in), in place; call it on a model merged
-    inside a jitted function, before a loop that reuses the weights. For one-token decode
-    steps XLA:CPU multiplies [batch, in] by an (out, in) kernel about 1.4x faster than by an
-    (in, out) one once the weights no longer fit in cache: the transpose, done once, pays
-    for itself within a few steps."""
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, Dense) and not module.kernel_transposed:
-            module.kernel = nnx.Param(module.kernel[...].T)
-            module.kernel_transposed = True
 
 
 class Norm(nnx.Module):
@@ -159,13 +139,11 @@ class Attention(nnx.Module):
         dot does at decoding's small batch sizes."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         dtype = self.cfg.compute_dtype
-        transposed = self.q_proj.kernel_transposed
-        out_axis = 0 if transposed else 1
-        kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=out_axis)
-        y = (matmul_transposed if transposed else matmul)(x.astype(dtype), kernel)
+        kernel = jnp.concatenate([p.kernel[...].astype(dtype) for p in projections], axis=1)
+        y = matmul(x.astype(dtype), kernel)
         if self.cfg.qkv_bias:
             y = y + jnp.concatenate([p.bias[...].astype(dtype) for p in projections])
-        sizes = [p.kernel.shape[out_axis] for p in projections]
+        sizes = [p.kernel.shape[1] for p in projections]
         outs = jnp.split(y, [sizes[0], sizes[0] + sizes[1]], axis=-1)
         deltas = [p.lora_delta(x) for p in projections]
         return [o if d is None else o + d for o, d in zip(outs, deltas)]
