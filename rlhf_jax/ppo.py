@@ -129,11 +129,13 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
             loss = jax.lax.pmean(loss, axis_name)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+
+        def apply(params, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
         # A non-finite step leaves params and optimizer state as they were.
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (new_params, new_opt_state), (params, opt_state))
+        params, opt_state = jax.lax.cond(finite, apply, lambda *state: state, params, opt_state)
         stats = dict(stats, loss=loss, grad_norm=grad_norm, nonfinite_steps=(~finite).astype(jnp.float32))
         return (params, opt_state), stats
 
