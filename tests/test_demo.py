@@ -39,7 +39,9 @@ def test_short_demo_learns_within_the_kl_budget(tmp_path, demo_workdir):
     assert before["valid"] > 0.8, before  # the warm-up model writes mostly valid reviews
     assert after["reward"] > before["reward"] + 1.0, (before, after)
     assert after["kl"] < 12.0, after
-    assert after["valid"] > 0.6, after
+    # Measured over seeds 0-2: 56-72% valid after 30 iterations (KL 2.9-5.5); without the KL
+    # penalty the policy ends at 0% valid (scripts/kl_sweep.py), so half is a clear line.
+    assert after["valid"] > 0.5, after
     assert os.path.exists(tmp_path / "ppo" / "metrics.png")
     assert json.load(open(tmp_path / "summary.json"))["iterations"] == 30
     # The original model is cached: a second run skips the warm-up.

@@ -155,9 +155,12 @@ def run_demo(workdir: str, num_iterations: int | None = None, sft_steps: int = 3
     t_start = time.time()
     os.makedirs(workdir, exist_ok=True)
     config = demo_config(workdir)
-    for key, value in (overrides or {}).items():
-        section, name = key.split(".")
-        config[section][name] = value
+    for key, value in (overrides or {}).items():  # dotted config keys: "ppo.kl_coef", "seed"
+        *path, name = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[name] = value
     if num_iterations:
         config.train.num_iterations = num_iterations
     config.logging.progress = not quiet
