@@ -157,6 +157,16 @@ def run_ours(args) -> dict:
     }
 
 
+def peer_seconds(row: dict) -> float:
+    """Median seconds per iteration from a peer harness's JSON line (TRL nests it under `result`)."""
+    if "sec_per_iter_median" in row:
+        return row["sec_per_iter_median"]
+    try:
+        return row["result"]["s_per_iter"]["median"]
+    except KeyError as e:
+        raise KeyError(f"no seconds per iteration in the peer's JSON (keys {sorted(row)})") from e
+
+
 def run_peers(preset: str) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     bench = os.path.join(here, "..", "..", "shared", "bench", "run_peers.sh")
@@ -202,14 +212,15 @@ def main():
         peers = run_peers(args.preset)
         trl.append(peers["trl"])
         tunix.append(peers["tunix"])
-    med = lambda rows, key: statistics.median(r[key] for r in rows)
-    ours_s = med(ours, "sec_per_iter_median")
+    ours_s = statistics.median(r["sec_per_iter_median"] for r in ours)
+    trl_s = statistics.median(map(peer_seconds, trl))
+    tunix_s = statistics.median(map(peer_seconds, tunix))
     result = {
         "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "ours_sec_per_iter": ours_s, "trl_sec_per_iter": med(trl, "sec_per_iter_median"),
-        "tunix_sec_per_iter": med(tunix, "sec_per_iter_median"),
-        "speedup_vs_trl": med(trl, "sec_per_iter_median") / ours_s,
-        "speedup_vs_tunix": med(tunix, "sec_per_iter_median") / ours_s,
+        "ours_sec_per_iter": ours_s, "trl_sec_per_iter": trl_s, "tunix_sec_per_iter": tunix_s,
+        "speedup_vs_trl": trl_s / ours_s, "speedup_vs_tunix": tunix_s / ours_s,
+        "rounds": [{"ours": o["sec_per_iter_median"], "trl": peer_seconds(t), "tunix": peer_seconds(u)}
+                   for o, t, u in zip(ours, trl, tunix)],
         "ours": ours, "trl": trl, "tunix": tunix, "load_avg": os.getloadavg(),
     }
     print(json.dumps(result))
