@@ -312,15 +312,18 @@ class PPOTrainer:
             per_token = nnx.merge(value_gd, value_params)(ids, mask)
             return per_token[:, prompt_len - 1:prompt_len - 1 + response_len]
 
-        @jax.jit
-        def reference_forward(ref_params, value_params, ids, mask, response_ids):
+        def reference_logprobs(ref_params, ids, mask, response_ids):
             ref_logits, _ = response_outputs(nnx.merge(ref_gd, ref_params), ids, mask, prompt_len,
                                              response_len, with_values=False)
-            ref_logprobs = token_logprobs(ref_logits / temperature, response_ids)
+            return token_logprobs(ref_logits / temperature, response_ids)
+
+        @jax.jit
+        def reference_forward(ref_params, value_params, ids, mask, response_ids):
             values = None if shared else forward_values(value_params, ids, mask)
-            return ref_logprobs, values
+            return reference_logprobs(ref_params, ids, mask, response_ids), values
 
         self.reference_forward = reference_forward
+        self._reference_logprobs = jax.jit(reference_logprobs)
 
         if self.rm_graphdef is not None:
             rm_gd = self.rm_graphdef
@@ -416,6 +419,14 @@ class PPOTrainer:
         responses = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         ended = [bool(np.isin(r, self.eos_ids).any()) for r in rows]
         return responses, lengths, ended
+
+    def kl_to_reference(self, prompt_ids, prompt_mask, out) -> np.ndarray:
+        """Per-row KL of a `generate` output to the reference: the sum over response tokens of
+        log pi(y) - log pi_ref(y), with pi's logprobs as sampled (this host's rows)."""
+        ids, mask = _join(prompt_ids, prompt_mask, out)
+        ref_logprobs = self._reference_logprobs(self.ref_params, ids, mask, out["response_ids"])
+        per_token = (out["logprobs"] - ref_logprobs) * out["response_mask"]
+        return self.local_rows(per_token).sum(axis=1)
 
     # ---------------------------------------------------------------- one iteration
     def scores_for(self, prompts: list[str], responses: list[str], ids, mask) -> np.ndarray:

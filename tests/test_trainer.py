@@ -50,7 +50,13 @@ def test_first_minibatch_ratio_is_one(tmp_path):
     config = tiny_config(ppo__num_ppo_epochs=1, ppo__num_mini_batches=1, train__rollout_batch_size=16)
     config.sampling.temperature = 0.7  # the training forward must divide by the same temperature
     trainer = PPOTrainer(config, str(tmp_path))
-    _, metrics, _ = trainer.iteration(trainer.init_state())
+    state = trainer.init_state()
+    # Before any update the policy is the reference: its samples' KL is 0 up to cache arithmetic.
+    prompt_ids, prompt_mask = (trainer.to_device_batch(x[:16]) for x in (trainer.prompt_ids, trainer.prompt_mask))
+    out = trainer.generate(trainer.policy_params(state), prompt_ids, prompt_mask, jax.random.PRNGKey(0))
+    kl = trainer.kl_to_reference(prompt_ids, prompt_mask, out)
+    assert kl.shape == (16,) and np.abs(kl).max() < 1e-4, kl
+    _, metrics, _ = trainer.iteration(state)
     assert abs(metrics["val/ratio"] - 1.0) < 1e-5
     assert metrics["val/ratio_var"] < 1e-10
     assert metrics["policy/approxkl_avg"] < 1e-10

@@ -105,11 +105,7 @@ def evaluate(trainer, policy_params, n_batches: int = 4, seed: int = 1234, graph
     for i in range(n_batches):
         p_ids, p_mask = jnp.asarray(ids[i * b:(i + 1) * b]), jnp.asarray(mask[i * b:(i + 1) * b])
         out = trainer.generate(policy_params, p_ids, p_mask, jax.random.PRNGKey(seed + i), graphdef=graphdef)
-        full = jnp.concatenate([p_ids, out["response_ids"]], 1)
-        full_mask = jnp.concatenate([p_mask, out["response_mask"]], 1)
-        ref_logprobs, _ = trainer.reference_forward(trainer.ref_params, None, full, full_mask, out["response_ids"])
-        resp_mask = np.asarray(out["response_mask"])
-        kls.extend(((np.asarray(out["logprobs"]) - np.asarray(ref_logprobs)) * resp_mask).sum(1))
+        kls.extend(trainer.kl_to_reference(p_ids, p_mask, out))
         responses, _, ended = trainer.decode_responses(out)
         batch_prompts = texts[i * b:(i + 1) * b]
         rewards.extend(reviews.sentiment_reward(batch_prompts, responses))
