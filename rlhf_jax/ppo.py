@@ -134,7 +134,8 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        # A non-finite step leaves params and optimizer state as they were.
+        # A non-finite step leaves params and optimizer state as they were. A cond, not a select
+        # between old and new: with a select XLA copies every Adam moment before updating it.
         params, opt_state = jax.lax.cond(finite, apply, lambda *state: state, params, opt_state)
         stats = dict(stats, loss=loss, grad_norm=grad_norm, nonfinite_steps=(~finite).astype(jnp.float32))
         return (params, opt_state), stats
