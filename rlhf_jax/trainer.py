@@ -425,8 +425,7 @@ class PPOTrainer:
         log pi(y) - log pi_ref(y), with pi's logprobs as sampled (this host's rows)."""
         ids, mask = _join(prompt_ids, prompt_mask, out)
         ref_logprobs = self._reference_logprobs(self.ref_params, ids, mask, out["response_ids"])
-        per_token = (out["logprobs"] - ref_logprobs) * out["response_mask"]
-        return self.local_rows(per_token).sum(axis=1)
+        return self.local_rows(_row_kl(out, ref_logprobs))
 
     # ---------------------------------------------------------------- one iteration
     def scores_for(self, prompts: list[str], responses: list[str], ids, mask) -> np.ndarray:
@@ -498,11 +497,10 @@ class PPOTrainer:
         metrics["speed/generated_tokens_per_s"] = n_tokens / max(timings["time/generate"], 1e-9)
         samples = []
         if want_samples:
-            kl_rows = ((self.local_rows(out["logprobs"]) - self.local_rows(ref_logprobs))
-                       * self.local_rows(out["response_mask"]))
+            kl_rows = self.local_rows(_row_kl(out, ref_logprobs))
             for i in range(min(c.logging.num_samples, len(prompts))):
                 samples.append({"prompt": prompts[i], "response": responses[i], "score": float(scores[i]),
-                                "kl": float(kl_rows[i].sum())})
+                                "kl": float(kl_rows[i])})
         return state, metrics, samples
 
     # ---------------------------------------------------------------- export
@@ -523,6 +521,11 @@ def _join(prompt_ids, prompt_mask, out):
     """Prompt + response ids and mask: int32[batch, prompt_len + response_len]."""
     return (jnp.concatenate([prompt_ids, out["response_ids"]], axis=1),
             jnp.concatenate([prompt_mask, out["response_mask"]], axis=1))
+
+
+def _row_kl(out, ref_logprobs):
+    """Per-row sum over response tokens of log pi(y) - log pi_ref(y) (k1), on device."""
+    return jnp.sum((out["logprobs"] - ref_logprobs) * out["response_mask"], axis=1)
 
 
 def _merge_stats(stats, x):
