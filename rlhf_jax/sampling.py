@@ -3,8 +3,8 @@
 `generate` prefills the cache with the (left-padded) prompts, samples the first
 token from the prefill's last hidden state, then decodes one token per step
 inside `lax.while_loop`, stopping as soon as every row has produced an EOS.
-Each step's randomness is `fold_in(key, step)`, so a call is a pure function of
-its key. Nothing synchronises with the host.
+All the randomness (one uniform per row and step) is drawn from `key` before the
+loop, so a call is a pure function of its key. Nothing synchronises with the host.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.heads import last_token_index
-from rlhf_jax.models.transformer import init_cache
+from rlhf_jax.models.transformer import init_cache, transpose_kernels
 from rlhf_jax.ops import token_logprobs
 
 _NEG_INF = -jnp.inf
@@ -43,34 +43,36 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     return logits
 
 
-def sample_token(logits, key, temperature: float, top_k: int, top_p: float):
+def sample_token(logits, uniform, temperature: float, top_k: int, top_p: float):
     """Draw one token per row; return (token int32[b], its logprob f32[b]).
 
+    uniform: f32[b] in [0, 1), the row's random number (`jax.random.uniform(key, (b,))`).
     The logprob is under the distribution the token was drawn from: logits /
-    temperature, filtered. temperature == 0 is greedy (logprob under the raw logits).
+    temperature, filtered. temperature == 0 is greedy (logprob under the raw logits;
+    `uniform` is unused).
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return token, token_logprobs(logits, token)
     scaled = filter_logits(logits / temperature, top_k, top_p)
-    token = categorical(key, scaled)
+    token = categorical(uniform, scaled)
     return token, token_logprobs(scaled, token)
 
 
-def categorical(key, logits):
-    """One draw per row from softmax(logits) by inverting the CDF with one uniform per row.
+def categorical(uniform, logits):
+    """One draw per row from softmax(logits) by inverting the CDF at `uniform` f32[...] in [0, 1).
 
     Exact like Gumbel-max, but needs `batch` random numbers instead of `batch x vocab`
     (on CPU the PRNG, not the model, dominated a decode step's sampling).
     """
     probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, logits.shape[:-1] + (1,), dtype=cdf.dtype) * cdf[..., -1:]
-    token = jnp.sum(cdf <= u, axis=-1)
-    # u can round up to the total: stay on the last token that has probability.
-    last_nonzero = logits.shape[-1] - 1 - jnp.argmax((probs > 0)[..., ::-1], axis=-1)
-    return jnp.minimum(token, last_nonzero).astype(jnp.int32)
+    total = cdf[..., -1:]
+    # uniform x total can round up to the total. Kept below it, the first CDF entry above the target
+    # always exists and belongs to a token with probability > 0.
+    target = jnp.minimum(uniform[..., None].astype(cdf.dtype) * total, jnp.nextafter(total, 0))
+    return jnp.sum(cdf <= target, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(
@@ -112,11 +114,18 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    hidden, cache = model.backbone(prompt_ids, prompt_mask, cache)
-    hidden = jnp.take_along_axis(hidden, last_token_index(prompt_mask)[:, None, None], axis=1)[:, 0]
+    hidden, cache = model.backbone(prompt_ids, prompt_mask, cache,
+                                   output_index=last_token_index(prompt_mask)[:, None])
+    hidden = hidden[:, 0]
+    if jax.default_backend() == "cpu":
+        transpose_kernels(model)
 
-    def emit(step, hidden, done, buffers, key_step):
-        token, logprob = sample_token(model.logits(hidden), key_step, temperature, top_k, top_p)
+    # Drawn up front: inside the loop, XLA:CPU runs each threefry call as a rolled loop of its
+    # own, which cost more than sampling itself.
+    uniforms = jax.random.uniform(key, (max_new_tokens, batch))
+
+    def emit(step, hidden, done, buffers):
+        token, logprob = sample_token(model.logits(hidden), uniforms[step], temperature, top_k, top_p)
         live = ~done
         token = jnp.where(live, token, pad_id)
         columns = {"response_ids": token, "response_mask": live.astype(jnp.int32),
@@ -135,7 +144,7 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     if with_values:
         buffers["values"] = jnp.zeros((batch, max_new_tokens), jnp.float32)
     done = jnp.zeros((batch,), bool)
-    token, live, done, buffers = emit(0, hidden, done, buffers, jax.random.fold_in(key, 0))
+    token, live, done, buffers = emit(0, hidden, done, buffers)
 
     def cond(carry):
         step, _, _, done, _, _ = carry
@@ -144,7 +153,7 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     def body(carry):
         step, token, live, done, cache, buffers = carry
         hidden, cache = model.backbone(token[:, None], live[:, None].astype(jnp.int32), cache)
-        token, live, done, buffers = emit(step, hidden[:, 0], done, buffers, jax.random.fold_in(key, step))
+        token, live, done, buffers = emit(step, hidden[:, 0], done, buffers)
         return step + 1, token, live, done, cache, buffers
 
     carry = (jnp.ones((), jnp.int32), token, live, done, cache, buffers)

@@ -107,10 +107,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def response_positions(prompt_len: int, response_len: int) -> slice:
+    """The positions whose outputs predict the response tokens (prompts are left-padded to prompt_len)."""
+    return slice(prompt_len - 1, prompt_len - 1 + response_len)
+
+
 def response_outputs(model, ids, mask, prompt_len: int, response_len: int, with_values: bool):
     """Logits (and values) at the positions that predict each response token."""
-    hidden, _ = model.backbone(ids, mask)
-    hidden = hidden[:, prompt_len - 1:prompt_len - 1 + response_len]
+    hidden, _ = model.backbone(ids, mask, output_index=response_positions(prompt_len, response_len))
     return model.logits(hidden), (model.values(hidden) if with_values else None)
 
 
@@ -309,8 +313,7 @@ class PPOTrainer:
                                      pad_id=self.pad_id)
 
         def forward_values(value_params, ids, mask):
-            per_token = nnx.merge(value_gd, value_params)(ids, mask)
-            return per_token[:, prompt_len - 1:prompt_len - 1 + response_len]
+            return nnx.merge(value_gd, value_params)(ids, mask, response_positions(prompt_len, response_len))
 
         def reference_logprobs(ref_params, ids, mask, response_ids):
             ref_logits, _ = response_outputs(nnx.merge(ref_gd, ref_params), ids, mask, prompt_len,

@@ -11,6 +11,7 @@ from flax import nnx
 
 from rlhf_jax.models import (CausalLM, CheckpointError, gpt2_config, init_cache, load_pretrained, read_hf_config,
                              save_pretrained)
+from rlhf_jax.models.transformer import transpose_kernels
 
 torch = pytest.importorskip("torch")
 import transformers as tf  # noqa: E402
@@ -84,6 +85,23 @@ def test_builtin_model_exports_to_transformers(tmp_path, left_padded_batch):
     real = mask.astype(bool)
     np.testing.assert_allclose(ours[real], ref[real], atol=1e-4)
 
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_output_index_and_transposed_kernels_match_full_forward(name, hf_checkpoints, left_padded_batch):
+    # output_index prunes the last block to the selected positions; transposed kernels (decoding's
+    # layout on CPU) change only the summation order.
+    ids, mask = jnp.asarray(left_padded_batch[0]), jnp.asarray(left_padded_batch[1])
+    model = load_pretrained(hf_checkpoints[name])
+    full = np.asarray(model.backbone(ids, mask)[0])
+    np.testing.assert_allclose(np.asarray(model.backbone(ids, mask, output_index=slice(2, 5))[0]),
+                               full[:, 2:5], atol=1e-5)
+    index = jnp.asarray(np.stack([np.arange(ids.shape[0]) % ids.shape[1], np.full(ids.shape[0], ids.shape[1] - 1)],
+                                 axis=1))
+    picked = np.asarray(model.backbone(ids, mask, output_index=index)[0])
+    np.testing.assert_allclose(picked, np.take_along_axis(full, np.asarray(index)[..., None], axis=1), atol=1e-5)
+    transpose_kernels(model)
+    assert model.backbone.layers[0].mlp.down_proj.kernel_t is not None
+    np.testing.assert_allclose(np.asarray(model.backbone(ids, mask)[0]), full, atol=1e-5)
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_kv_cache_decoding_matches_full_forward(name, hf_checkpoints, left_padded_batch):

@@ -8,7 +8,7 @@ from flax import nnx
 
 from rlhf_jax.models import CausalLM, gpt2_config
 from rlhf_jax.ops import token_logprobs
-from rlhf_jax.sampling import filter_logits, generate
+from rlhf_jax.sampling import categorical, filter_logits, generate
 
 CFG = gpt2_config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=64)
 EOS, PAD = 1, 0
@@ -116,8 +116,9 @@ def test_rows_stop_at_their_own_eos(model, prompts):
     # must reproduce its draws up to the first EOS, then stop (rows stop at different steps).
     kw = dict(temperature=1.0, max_new_tokens=8, key=11)
     sampled = run(model, prompts, **kw)["response_ids"]
-    candidates = [int(t) for t in np.unique(sampled) if 0 < np.flatnonzero(sampled[0] == t).min(initial=99) < 8]
-    eos = max(candidates, key=lambda t: len({(np.flatnonzero(r == t).tolist() or [8])[0] for r in sampled}))
+    # Candidates end row 0 after 2-7 tokens, so it stops before the rows without that token (at 8).
+    candidates = [int(t) for t in np.unique(sampled) if 0 < np.flatnonzero(sampled[0] == t).min(initial=99) < 7]
+    eos = max(candidates, key=lambda t: len({(np.flatnonzero(r == t).tolist() or [7])[0] for r in sampled}))
     out = run(model, prompts, eos_ids=(eos,), **kw)
     for row, ids in enumerate(sampled):
         hits = np.flatnonzero(ids == eos)
@@ -155,3 +156,15 @@ def test_repeated_calls_do_not_compile_again(model, prompts):
         params = jax.tree.map(lambda x: x * 1.0, params)  # new buffers, same shapes
         jax.block_until_ready(generate(graphdef, params, *prompts, jax.random.key(seed), **kw))
     assert generate._cache_size() == before
+
+
+def test_inverse_cdf_never_draws_a_token_without_probability():
+    # The extreme uniforms land on the first and the last token that has probability, never on the
+    # filtered (-inf) tokens around them, even where uniform x total rounds up to the total.
+    logits = jnp.asarray([[-jnp.inf, 0.0, 0.0, -jnp.inf, -jnp.inf]] * 3)
+    uniform = jnp.asarray([0.0, 0.5, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(categorical(uniform, logits)), [1, 2, 2])
+    # Many draws from a distribution with tiny and zero-probability tokens: each drawn token has probability.
+    logits = jnp.asarray([[3.0, -jnp.inf, -30.0, 0.5, -jnp.inf]])
+    draws = categorical(jax.random.uniform(jax.random.key(0), (4096,)), jnp.repeat(logits, 4096, axis=0))
+    assert set(np.unique(np.asarray(draws)).tolist()) <= {0, 2, 3}
