@@ -20,12 +20,6 @@ def last_token_index(mask):
     return jnp.max(jnp.where(mask.astype(bool), positions, 0), axis=-1)
 
 
-def gather_last(values, mask):
-    """values: f[batch, seq]; mask: [batch, seq] -> f[batch], the value at the last real token."""
-    idx = last_token_index(mask)
-    return jnp.take_along_axis(values, idx[:, None], axis=-1)[:, 0]
-
-
 class CausalLM(nnx.Module):
     """A decoder LM; with `value_head=True` also a per-token value on the same backbone.
 
