@@ -12,6 +12,9 @@ def run_cli(main: Callable, config_help: str, extra_flags: Callable | None = Non
 
     Errors a user can fix (a bad config value or override, a missing file) print one line and exit 2.
     """
+    from rlhf_jax.runtime import use_huge_pages
+    use_huge_pages()
+
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -20,10 +20,12 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.models import CausalLM, gpt2_config, save_pretrained
+from rlhf_jax.runtime import use_huge_pages
 from rlhf_jax.sampling import generate
 
 
 def main():
+    use_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt_len", type=int, default=16)

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from rlhf_jax.runtime import use_huge_pages
+
 PRESETS = {"small": dict(layers=4, width=256, heads=4), "large": dict(layers=6, width=512, heads=8)}
 
 
@@ -180,6 +182,7 @@ def run_peers(preset: str) -> dict:
 
 
 def main():
+    use_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--layers", type=int)

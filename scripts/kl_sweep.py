@@ -12,11 +12,13 @@ import json
 import logging
 import os
 
+from rlhf_jax.runtime import use_huge_pages
 from rlhf_jax.tasks import reviews
 from rlhf_jax.tasks.demo import demo_config, evaluate, valid_fraction, warm_up
 
 
 def main():
+    use_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/kl_sweep")
     parser.add_argument("--demo_workdir", default="runs/demo")

@@ -26,6 +26,7 @@ from flax import nnx
 
 from rlhf_jax.config import base_config
 from rlhf_jax.models import CausalLM, gpt2_config, save_pretrained
+from rlhf_jax.runtime import use_huge_pages
 from rlhf_jax.sft import sft_step
 from rlhf_jax.tasks import reviews
 
@@ -187,6 +188,7 @@ def run_demo(workdir: str, num_iterations: int | None = None, sft_steps: int = 3
 
 
 def main():
+    use_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--iterations", type=int, default=None, help="PPO iterations (default: the config's)")

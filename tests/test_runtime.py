@@ -1,0 +1,38 @@
+"""use_huge_pages: the command-line entry points restart once with glibc's huge-page tunable."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHOW = ("import os; from rlhf_jax.runtime import use_huge_pages; print('start', flush=True); use_huge_pages(); "
+        "print('tunables', os.environ.get('GLIBC_TUNABLES', ''))")
+
+
+def _run(**env):
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLHF_JAX_HUGE_PAGES")}
+    out = subprocess.run([sys.executable, "-c", SHOW], env={**base, "PYTHONPATH": ROOT, **env},
+                         capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.split("\n")
+
+
+def test_restarts_once_with_the_tunable_and_keeps_the_others():
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not os.path.exists(thp) \
+            or "[never]" in open(thp).read():
+        pytest.skip("needs Linux, glibc and transparent huge pages")
+    lines = _run()
+    assert lines[:2] == ["start", "start"]  # the first process was replaced by a second one
+    assert lines[2].split(" ")[1] == "glibc.malloc.hugetlb=1"
+    assert _run(GLIBC_TUNABLES="glibc.malloc.arena_max=2")[2].split(" ")[1] == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+def test_opting_out_or_choosing_already_leaves_the_process_alone():
+    for env in ({"RLHF_JAX_HUGE_PAGES": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}):
+        lines = _run(**env)
+        assert lines[0] == "start" and not lines[1].startswith("start")  # not restarted
+        assert lines[1].split(" ")[1] == env.get("GLIBC_TUNABLES", "")
