@@ -8,6 +8,10 @@ SIGTERM (a TPU VM preemption) saves a checkpoint and exits cleanly.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
+    from rlhf_jax.runtime import use_huge_pages
+    use_huge_pages()
+
 import json
 import logging
 import os

@@ -7,6 +7,10 @@ no early EOS, alternating runs in one process. The last line printed is one JSON
     python scripts/bench_generate.py --new_tokens=128 --runs=5
 """
 
+if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
+    from rlhf_jax.runtime import use_huge_pages
+    use_huge_pages()
+
 import argparse
 import json
 import os
@@ -20,12 +24,10 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.models import CausalLM, gpt2_config, save_pretrained
-from rlhf_jax.runtime import use_huge_pages
 from rlhf_jax.sampling import generate
 
 
 def main():
-    use_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt_len", type=int, default=16)

@@ -7,18 +7,20 @@ Reuses (or makes) the demo's warmed-up model in --demo_workdir. Prints one JSON 
 writes kl_sweep.json and kl_sweep.png to --workdir.
 """
 
+if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
+    from rlhf_jax.runtime import use_huge_pages
+    use_huge_pages()
+
 import argparse
 import json
 import logging
 import os
 
-from rlhf_jax.runtime import use_huge_pages
 from rlhf_jax.tasks import reviews
 from rlhf_jax.tasks.demo import demo_config, evaluate, valid_fraction, warm_up
 
 
 def main():
-    use_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/kl_sweep")
     parser.add_argument("--demo_workdir", default="runs/demo")

@@ -12,6 +12,10 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
+    from rlhf_jax.runtime import use_huge_pages
+    use_huge_pages()
+
 import argparse
 import json
 import logging
@@ -26,7 +30,6 @@ from flax import nnx
 
 from rlhf_jax.config import base_config
 from rlhf_jax.models import CausalLM, gpt2_config, save_pretrained
-from rlhf_jax.runtime import use_huge_pages
 from rlhf_jax.sft import sft_step
 from rlhf_jax.tasks import reviews
 
@@ -188,7 +191,6 @@ def run_demo(workdir: str, num_iterations: int | None = None, sft_steps: int = 3
 
 
 def main():
-    use_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--iterations", type=int, default=None, help="PPO iterations (default: the config's)")
