@@ -21,6 +21,9 @@ from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import CausalLM, ScalarModel
+from rlhf_jax.models.lora import merged_params
+from rlhf_jax.models.tree import unflatten
+from rlhf_jax.sharding import spec_for
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
 # Buffers some checkpoints carry that are not parameters.
@@ -192,17 +195,6 @@ def _flat_params(state) -> dict[tuple, Any]:
     return flat
 
 
-def unflatten(flat: dict[tuple, Any]) -> dict:
-    """{(a, b, c): x} -> {a: {b: {c: x}}}."""
-    nested: dict = {}
-    for path, value in flat.items():
-        node = nested
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return nested
-
-
 def read_hf_config(path: str) -> dict:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
@@ -258,7 +250,6 @@ def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = Fa
 def _place(value: np.ndarray, path: tuple, mesh):
     if mesh is None:
         return jnp.asarray(value)
-    from rlhf_jax.sharding import spec_for
     return jax.device_put(value, jax.sharding.NamedSharding(mesh, spec_for(path, value.shape, mesh)))
 
 
@@ -292,7 +283,6 @@ def save_pretrained(model, path: str, *, hf_config: dict | None = None, params=N
     cfg = model.cfg
     if params is None:
         if cfg.lora_rank:
-            from rlhf_jax.models.lora import merged_params
             params = merged_params(model)  # adapters folded into the base weights
         else:
             params = nnx.state(model, nnx.Param)

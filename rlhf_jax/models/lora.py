@@ -13,7 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from rlhf_jax.models.heads import CausalLM
-from rlhf_jax.models.hf import unflatten
+from rlhf_jax.models.tree import unflatten
 
 # What trains in a LoRA run: the adapters and a value head on the shared trunk.
 TRAINABLE = nnx.Any(nnx.LoRAParam, nnx.PathContains("value_head"))
