@@ -48,7 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
         normalize="none", normalize_batches=4))
 
     c.data = ml_collections.ConfigDict(dict(
-        path="",  # JSONL file or HF datasets folder; empty: the built-in review task's prompts
+        path="",  # JSONL file or HF datasets folder; empty: `builtin_prompts` prompts of the built-in task
+        # A module providing build_tokenizer(folder) and sample_prompts(n, seed): the prompts when `path` is
+        # empty, and the tokenizer when tokenizer.path and model.path are.
+        builtin="rlhf_jax.tasks.reviews",
         field="prompt", max_prompt_len=8, truncation="left", builtin_prompts=512,
         chat_template=False))  # wrap each prompt as a user turn with the tokenizer's chat template
 

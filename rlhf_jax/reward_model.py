@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.loading import builtin_task
 from rlhf_jax.models import CausalLM, ScalarModel, load_pretrained, read_hf_config, save_pretrained
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def base_reward_config() -> ml_collections.ConfigDict:
         dtype="float32"))
     c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # empty: model.path
     c.data = ml_collections.ConfigDict(dict(
-        path="",  # JSONL (or HF datasets folder) with prompt / chosen / rejected; empty: the demo task's pairs
+        path="",  # JSONL (or HF datasets folder) with prompt / chosen / rejected; empty: the built-in task's pairs
+        builtin="rlhf_jax.tasks.reviews",  # a module with preference_pairs(n, seed): the pairs when `path` is empty
         prompt_field="prompt", chosen_field="chosen", rejected_field="rejected",
         max_prompt_len=4, max_response_len=24, eval_fraction=0.1, builtin_pairs=4000))
     c.loss = ml_collections.ConfigDict(dict(margin=0.0))
@@ -87,8 +89,7 @@ def encode_pairs(records: list[dict], tokenizer, max_prompt_len: int, max_respon
 def read_pairs(config) -> list[dict]:
     d = config.data
     if not d.path:
-        from rlhf_jax.tasks.reviews import preference_pairs
-        return preference_pairs(d.builtin_pairs, seed=config.seed)
+        return builtin_task(config).preference_pairs(d.builtin_pairs, seed=config.seed)
     from rlhf_jax.data import read_prompts
     fields = {"prompt": d.prompt_field, "chosen": d.chosen_field, "rejected": d.rejected_field}
     columns = {name: read_prompts(d.path, field) for name, field in fields.items()}

@@ -70,6 +70,11 @@ def train(config, workdir: str, extra_metrics: dict[str, Callable] | None = None
     if restored is not None:
         step, state, meta = restored
         log.info("resumed from checkpoint %d in %s", step, checkpointer.directory)
+        if trainer.reference_score_stats is not None and float(state.score_stats[0]) == 0:
+            # Saved before the reference statistics were kept in the state: the measurement is
+            # deterministic, so the one just made is the one that run used.
+            state = state.replace(score_stats=jax.device_put(trainer.reference_score_stats,
+                                                             state.score_stats.sharding))
     start = int(state.step)
     is_main = jax.process_index() == 0
     if is_main:

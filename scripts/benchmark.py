@@ -89,14 +89,15 @@ def measure_peak(width: int, tokens: int) -> float:
     return 2 * tokens * width * 4 * width / statistics.median(times)
 
 
-def compiled_flops(jitted, *args) -> float:
-    cost = jitted.lower(*args).compile().cost_analysis()
+def compiled_flops(jitted, *args, **kwargs) -> float:
+    cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
 
 
 def run_ours(args) -> dict:
     import jax
+    import jax.numpy as jnp
     from rlhf_jax.trainer import PPOTrainer
 
     root = tempfile.mkdtemp(prefix="rlhf_bench_")
@@ -105,14 +106,12 @@ def run_ours(args) -> dict:
     t0 = time.perf_counter()
     trainer = PPOTrainer(config, root)
     # The reference config generates every token (no early EOS), like the peers' harnesses.
-    trainer._generate_kwargs["eos_ids"] = ()
+    trainer.rollout_fn = trainer.make_rollout_fn(eos_ids=())
     state = trainer.init_state()
     state, _, _ = trainer.iteration(state)  # compiles
     compile_s = time.perf_counter() - t0
-    jitted = [trainer._update, trainer.reference_forward]
+    jitted = [trainer.rollout_fn, trainer.update_fn]
     compiles_before = sum(f._cache_size() for f in jitted)
-    from rlhf_jax.sampling import generate
-    gen_before = generate._cache_size()
     times, phases = [], {}
     for _ in range(args.iters):
         state, metrics, _ = trainer.iteration(state)
@@ -120,36 +119,29 @@ def run_ours(args) -> dict:
         for k, v in metrics.items():
             if k.startswith("time/") and k != "time/iteration":
                 phases.setdefault(k[5:], []).append(v)
-    compiles_after = sum(f._cache_size() for f in jitted) - compiles_before + generate._cache_size() - gen_before
+    compiles_after = sum(f._cache_size() for f in jitted) - compiles_before
 
     # FLOPs of one iteration's jitted work, from XLA's cost analysis of the compiled programs.
     prompt_ids = trainer.to_device_batch(trainer.prompt_ids[:args.batch])
     prompt_mask = trainer.to_device_batch(trainer.prompt_mask[:args.batch])
-    out = trainer.generate(trainer.policy_params(state), prompt_ids, prompt_mask, jax.random.PRNGKey(0))
-    import jax.numpy as jnp
-    ids = jnp.concatenate([prompt_ids, out["response_ids"]], 1)
-    mask = jnp.concatenate([prompt_mask, out["response_mask"]], 1)
-    ref_lp, values = trainer.reference_forward(trainer.ref_params, state.params.get("value"), ids, mask,
-                                               out["response_ids"])
-    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": out["response_ids"],
-             "response_mask": out["response_mask"], "logprobs": out["logprobs"], "ref_logprobs": ref_lp,
-             "values": out["values"] if trainer.shared_value else values}
+    rollout_args = (trainer.policy_params(state), trainer.ref_params, prompt_ids, prompt_mask, jax.random.PRNGKey(0))
+    rollout_kwargs = dict(value_params=state.params.get("value"), reward_params=trainer.rm_params)
+    rollout = trainer.rollout_fn(*rollout_args, **rollout_kwargs)
     scores = trainer.to_device_batch(jnp.zeros((args.batch,), jnp.float32))
-    update_flops = compiled_flops(trainer._update, state, trainer.frozen, batch, scores)
-    forward_flops = compiled_flops(trainer.reference_forward, trainer.ref_params, state.params.get("value"), ids,
-                                   mask, out["response_ids"])
-    rm_flops = compiled_flops(trainer._reward_model, trainer.rm_params, ids, mask)
-    # Generation: per token ~2 x params (the while loop's body is not unrolled in the cost analysis).
+    update_flops = compiled_flops(trainer.update_fn, state, rollout, scores, trainer.frozen)
+    # The decode loop's body counts once in the cost analysis: add the other max_new_tokens - 1 steps
+    # at about 2 x params FLOPs per token.
     n_params = sum(x.size for x in jax.tree.leaves(trainer.ref_params))
-    gen_flops = 2.0 * n_params * args.batch * (args.prompt_len + args.response_len)
-    total_flops = update_flops + forward_flops + rm_flops + gen_flops
+    rollout_flops = (compiled_flops(trainer.rollout_fn, *rollout_args, **rollout_kwargs)
+                     + 2.0 * n_params * args.batch * (args.response_len - 1))
+    total_flops = update_flops + rollout_flops
     peak = measure_peak(args.width, args.batch * (args.prompt_len + args.response_len))
     median = statistics.median(times)
     update_s = statistics.median(phases["update"])
     return {
         "sec_per_iter_median": median,
         "phase_sec_median": {k: statistics.median(v) for k, v in phases.items()},
-        "gen_tokens_per_s": args.batch * args.response_len / statistics.median(phases["generate"]),
+        "rollout_tokens_per_s": args.batch * args.response_len / statistics.median(phases["rollout"]),
         "utilisation": total_flops / median / peak,
         "update_utilisation": update_flops / update_s / peak,
         "iteration_gflop": total_flops / 1e9,

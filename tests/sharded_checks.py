@@ -159,3 +159,17 @@ def test_masked_whiten_with_axis_name_uses_global_statistics():
     got = jax.pmap(lambda a, m: masked_whiten(a, m, axis_name="d"), axis_name="d")(
         x.reshape(8, 2, 6), mask.reshape(8, 2, 6))
     np.testing.assert_allclose(np.asarray(got).reshape(16, 6), expected, atol=1e-5)
+
+
+def test_iteration_compiles_from_shapes_on_a_2x4_mesh():
+    from rlhf_jax.aot import abstract_iteration
+    config = mesh_config(2, 4, 1)
+    cfg = gpt2_config(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=32)
+    mesh = make_mesh(2, 4, 1)
+    step = abstract_iteration(config, cfg, mesh)
+    state = step.update_args[0]
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state)))
+    update = step.lower_update().compile()
+    # Params and Adam moments are FSDP-sharded 4 ways: each device's arguments are far below the total.
+    assert update.memory_analysis().argument_size_in_bytes < 0.5 * total
+    step.lower_rollout().compile()

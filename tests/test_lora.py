@@ -14,7 +14,8 @@ from rlhf_jax.models import load_pretrained, save_pretrained
 from rlhf_jax.models.lora import load_adapters, save_adapters, with_lora
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.tasks.demo import demo_config
-from rlhf_jax.trainer import PPOTrainer, response_outputs
+from rlhf_jax.rollout import response_outputs
+from rlhf_jax.trainer import PPOTrainer
 
 
 def lora_config(workdir, **lora):

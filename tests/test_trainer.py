@@ -171,7 +171,7 @@ def test_non_finite_reward_names_the_iteration(tmp_path):
 
 def test_pad_token_override_and_qa_reward(tmp_path):
     from rlhf_jax.tasks.qa import short_factual_reward
-    from rlhf_jax.trainer import load_tokenizer
+    from rlhf_jax.loading import load_tokenizer
     config = tiny_config()
     config.tokenizer.pad_token = "<unk>"
     assert load_tokenizer(config, str(tmp_path)).pad_token_id == 2

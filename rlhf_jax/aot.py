@@ -1,0 +1,111 @@
+"""A run's rollout and update, lowered from shapes alone: no weights are created.
+
+    step = abstract_iteration(config, model_cfg, mesh)
+    compiled = step.lower_rollout().compile()      # or step.lower_update()
+    compiled.memory_analysis(), compiled.cost_analysis()
+
+Every argument is a `jax.ShapeDtypeStruct` carrying the sharding the trainer would give it (the
+partition rules for params and optimizer state, the batch axes for rollout arrays), so the same
+call compiles for this machine's devices or for a TPU slice's compile-only devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel
+from rlhf_jax.models.lora import TRAINABLE, with_lora
+from rlhf_jax.rollout import make_rollout
+from rlhf_jax.sharding import batch_sharding, param_shardings, replicated, state_shardings
+from rlhf_jax.update import init_train_state, make_optimizer, make_ppo_update
+
+
+def with_shardings(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves, each with its sharding."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _sharded_params(tree, mesh):
+    return with_shardings(tree, param_shardings(tree, mesh))
+
+
+@dataclasses.dataclass
+class AbstractIteration:
+    """The jitted rollout and update of a run and abstract arguments for each."""
+
+    rollout_fn: Any
+    update_fn: Any
+    rollout_args: tuple
+    rollout_kwargs: dict
+    update_args: tuple
+
+    def lower_rollout(self):
+        return self.rollout_fn.lower(*self.rollout_args, **self.rollout_kwargs)
+
+    def lower_update(self):
+        return self.update_fn.lower(*self.update_args)
+
+
+def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: ModelConfig | None = None,
+                       eos_ids=(1,), pad_id: int = 0) -> AbstractIteration:
+    """The rollout and update of `config` for a policy of `model_cfg` on `mesh`, with abstract arguments.
+
+    The batch is `config.train.rollout_batch_size` prompts of `config.data.max_prompt_len` tokens. A
+    learned reward model (`config.reward.kind = "model"`) has `reward_cfg` (default: the policy's).
+    """
+    shared = config.model.value_model == "shared"
+    lora = bool(config.lora.enabled)
+
+    def build_policy():
+        policy = CausalLM(model_cfg, rngs=nnx.Rngs(0), value_head=shared)
+        if lora:
+            policy = with_lora(policy, config.lora.rank, config.lora.alpha, tuple(config.lora.targets))
+        return policy
+
+    policy_graphdef, trainable, frozen = nnx.split(nnx.eval_shape(build_policy), TRAINABLE if lora else nnx.Param,
+                                                   ...)
+    trainable, frozen = _sharded_params(trainable, mesh), _sharded_params(frozen, mesh)
+    policy_params = nnx.merge_state(trainable, frozen)
+    if lora:
+        base_cfg = model_cfg.replace(lora_rank=0, lora_targets=())
+        ref_graphdef, ref_params = nnx.split(nnx.eval_shape(lambda: CausalLM(base_cfg, rngs=nnx.Rngs(0))))
+        ref_params = _sharded_params(ref_params, mesh)
+    else:
+        ref_graphdef, ref_params = policy_graphdef, policy_params
+
+    params = {"policy": trainable}
+    value_graphdef = None
+    if not shared:
+        value_graphdef, value_params = nnx.split(nnx.eval_shape(
+            lambda: ScalarModel(model_cfg.replace(lora_rank=0, lora_targets=()), rngs=nnx.Rngs(0))))
+        params["value"] = _sharded_params(value_params, mesh)
+    reward_graphdef = reward_params = None
+    if config.reward.kind == "model":
+        reward_graphdef, reward_params = nnx.split(nnx.eval_shape(
+            lambda: ScalarModel(reward_cfg or model_cfg.replace(lora_rank=0, lora_targets=()), rngs=nnx.Rngs(0))))
+        reward_params = _sharded_params(reward_params, mesh)
+
+    optimizer = make_optimizer(config)
+    state = jax.eval_shape(lambda p: init_train_state(config, p, optimizer), params)
+    state = with_shardings(state, state_shardings(state, mesh))
+
+    batch, prompt_len = config.train.rollout_batch_size, config.data.max_prompt_len
+    prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=batch_sharding(mesh, 2))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh))
+    rollout_fn = make_rollout(config, policy_graphdef=policy_graphdef, ref_graphdef=ref_graphdef,
+                              value_graphdef=value_graphdef, reward_graphdef=reward_graphdef, eos_ids=eos_ids,
+                              pad_id=pad_id, mesh=mesh)
+    rollout_args = (policy_params, ref_params, prompt, prompt, key)
+    rollout_kwargs = dict(value_params=params.get("value"), reward_params=reward_params)
+    rollout = jax.eval_shape(rollout_fn, *rollout_args, **rollout_kwargs)
+    rollout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.ndim)),
+                           rollout)
+    scores = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=batch_sharding(mesh, 1))
+    update_fn = make_ppo_update(config, policy_graphdef=policy_graphdef, value_graphdef=value_graphdef,
+                                eos_ids=eos_ids, optimizer=optimizer, mesh=mesh)
+    return AbstractIteration(rollout_fn, update_fn, rollout_args, rollout_kwargs, (state, rollout, scores, frozen))

@@ -1,0 +1,207 @@
+"""What a run loads from its config, on the host: the tokenizer, the prompts, the reward function and
+the models' weights (placed on the mesh by the partition rules).
+
+Built-in tasks (the demo's tokenizer, prompts and preference pairs) are modules named in the config
+(`data.builtin`), imported by name like the reward function; the library never imports them itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.config import ConfigError, validate_tokenizer
+from rlhf_jax.data import read_prompts, tokenize_prompts
+from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel, load_pretrained
+from rlhf_jax.models.lora import TRAINABLE, load_adapters, merged_params, with_lora
+from rlhf_jax.sharding import param_shardings, shard_like
+
+log = logging.getLogger(__name__)
+
+
+def load_callable(spec: str, key: str = "config.reward.function") -> Callable:
+    """'package.module:name' -> the object it names (`key` is the config key, for the messages)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"{key} = {spec!r}: cannot import module {module_name!r} ({e})") from e
+    if not hasattr(module, attr):
+        raise AttributeError(f"{key} = {spec!r}: module {module_name!r} has no {attr!r}")
+    return getattr(module, attr)
+
+
+def builtin_task(config) -> ModuleType:
+    """The module named by `config.data.builtin`: it provides `build_tokenizer(folder) -> folder`,
+    `sample_prompts(n, seed) -> list[str]` and, for reward-model training, `preference_pairs(n, seed)`."""
+    name = config.data.builtin
+    if not name:
+        raise ConfigError("config.data.builtin is empty, but the run needs the built-in task (config.data.path "
+                          "or config.tokenizer.path / config.model.path is empty)")
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(f"config.data.builtin = {name!r}: cannot import it ({e})") from e
+
+
+def builtin_model_config(config, vocab_size: int) -> ModelConfig:
+    """The ModelConfig of `config.model.builtin` (a random architecture of the given family)."""
+    b = config.model.builtin
+    heads = b.num_heads
+    kw = dict(family=b.family, vocab_size=vocab_size, hidden_size=b.hidden_size, num_layers=b.num_layers,
+              num_heads=heads, num_kv_heads=b.num_kv_heads or heads, head_dim=b.hidden_size // heads,
+              intermediate_size=b.intermediate_size or 4 * b.hidden_size,
+              max_position_embeddings=b.max_position_embeddings, dtype=config.model.dtype,
+              param_dtype=config.model.param_dtype)
+    if b.family == "gpt2":
+        kw.update(qkv_bias=True, o_bias=True, mlp_bias=True)
+    return ModelConfig(**kw)
+
+
+def load_tokenizer(config, workdir: str | None):
+    """The run's tokenizer (a local folder; the built-in task's when no path is set), left-padding."""
+    from transformers import AutoTokenizer
+
+    path = config.tokenizer.path or config.model.path
+    if not path:
+        cache = os.path.join(workdir or os.path.expanduser("~/.cache/rlhf_jax"), "tokenizer")
+        path = builtin_task(config).build_tokenizer(cache)
+    tokenizer = AutoTokenizer.from_pretrained(path)  # local folder; trust_remote_code stays off
+    tokenizer.padding_side = "left"
+    if config.tokenizer.pad_token:
+        tokenizer.pad_token = config.tokenizer.pad_token
+    validate_tokenizer(tokenizer)
+    return tokenizer
+
+
+@dataclasses.dataclass
+class Prompts:
+    ids: Any  # int32[n, max_prompt_len], left-padded
+    mask: Any  # int32[n, max_prompt_len]
+    texts: list[str]
+    report: Any  # data.PromptReport
+
+
+def load_prompts(config, tokenizer) -> Prompts:
+    """The prompt set: `data.path`, or the built-in task's prompts; chat-templated if asked; reported."""
+    c = config
+    if c.data.path:
+        raw = read_prompts(c.data.path, c.data.field)
+    else:
+        raw = builtin_task(c).sample_prompts(c.data.builtin_prompts, seed=c.seed)
+    if c.data.chat_template:
+        raw = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True) for p in raw]
+    ids, mask, texts, report = tokenize_prompts(raw, tokenizer, c.data.max_prompt_len, c.data.truncation)
+    if report.truncated or report.rejected_empty or report.rejected_too_long:
+        log.warning("prompts: %d read, %d kept, %d cut from the left, %d rejected as too long, %d empty",
+                    report.total, report.kept, report.truncated, report.rejected_too_long, report.rejected_empty)
+    if report.kept < c.train.rollout_batch_size:
+        raise ValueError(f"only {report.kept} usable prompts (of {report.total}): fewer than "
+                         f"config.train.rollout_batch_size = {c.train.rollout_batch_size}")
+    return Prompts(ids, mask, texts, report)
+
+
+@dataclasses.dataclass
+class Models:
+    """Graphdefs and weights of one run, on the mesh.
+
+    policy_params: the trainable part (the whole policy, or the LoRA adapters and a value head);
+    frozen: the rest of the policy (the LoRA base; empty without LoRA), held once;
+    ref_params: the reference policy (for a bare-base LoRA reference, the very buffers of `frozen`);
+    value_params / reward_params: a separate value model and a learned reward model, or None.
+    """
+
+    policy_config: ModelConfig
+    policy_graphdef: Any
+    ref_graphdef: Any
+    policy_params: Any
+    frozen: Any
+    ref_params: Any
+    value_graphdef: Any = None
+    value_params: Any = None
+    reward_graphdef: Any = None
+    reward_params: Any = None
+
+
+def _policy(config, mesh, vocab_size: int, value_head: bool) -> CausalLM:
+    c = config
+    if c.model.path:
+        policy = load_pretrained(c.model.path, value_head=value_head, dtype=c.model.dtype,
+                                 param_dtype=c.model.param_dtype, mesh=mesh)
+    else:
+        cfg = builtin_model_config(c, vocab_size)
+        build = lambda: CausalLM(cfg, rngs=nnx.Rngs(c.model.builtin.init_seed), value_head=value_head)
+        graphdef, abstract = nnx.split(nnx.eval_shape(build))
+        # Initialised on the mesh: each device computes only its own shards.
+        params = jax.jit(lambda: nnx.state(build()), out_shardings=param_shardings(abstract, mesh))()
+        policy = nnx.merge(graphdef, params)
+    if not c.lora.enabled:
+        return policy
+    if c.lora.adapter_path:
+        return load_adapters(policy, c.lora.adapter_path, seed=c.seed)
+    return with_lora(policy, c.lora.rank, c.lora.alpha, tuple(c.lora.targets), seed=c.seed)
+
+
+def _value_model(config, policy: CausalLM, mesh) -> ScalarModel:
+    c = config
+    if c.model.value_path:
+        return load_pretrained(c.model.value_path, kind="scalar", dtype=c.model.dtype,
+                               param_dtype=c.model.param_dtype, mesh=mesh)
+    # Start from the policy's backbone (adapters folded in) with a zero head (first values are 0).
+    cfg = policy.cfg.replace(lora_rank=0, lora_targets=())
+    value = ScalarModel(cfg, rngs=nnx.Rngs(0), zero_head=True)
+    backbone = merged_params(policy)["backbone"] if policy.cfg.lora_rank else nnx.state(policy.backbone)
+    nnx.update(value.backbone, jax.tree.map(jnp.copy, backbone))
+    return value
+
+
+def load_models(config, mesh, vocab_size: int) -> Models:
+    """Every model of a run, split into graphdefs and params on `mesh`."""
+    c = config
+    shared = c.model.value_model == "shared"
+    lora = bool(c.lora.enabled)
+    policy = _policy(c, mesh, vocab_size, value_head=shared)
+    # Trainable params go into the train state; the frozen rest (the LoRA base) is held once, outside it.
+    policy_graphdef, policy_params, frozen = nnx.split(policy, TRAINABLE if lora else nnx.Param, ...)
+    ref_graphdef, ref_params = policy_graphdef, None
+    if c.model.reference_path:
+        ref_graphdef, ref_params = nnx.split(load_pretrained(
+            c.model.reference_path, value_head=shared, dtype=c.model.dtype, param_dtype=c.model.param_dtype))
+    elif lora and not c.lora.adapter_path:
+        # The base with the adapters off: a graph without adapters over the very same base buffers.
+        base_cfg = policy.cfg.replace(lora_rank=0, lora_targets=())
+        ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(base_cfg, rngs=nnx.Rngs(0), value_head=False)))
+
+    value_graphdef = value_params = None
+    if not shared:
+        value_graphdef, value_params = nnx.split(_value_model(c, policy, mesh))
+
+    place = lambda tree: shard_like(tree, param_shardings(tree, mesh))
+    frozen, policy_params = place(frozen), place(policy_params)
+    value_params = None if value_params is None else place(value_params)
+    if ref_params is not None:
+        ref_params = place(ref_params)
+    elif not lora:
+        # A copy, not an alias: the policy's buffers are donated to the update.
+        ref_params = jax.tree.map(jnp.copy, nnx.merge_state(policy_params, frozen))
+    elif c.lora.adapter_path:
+        # Adapters from a LoRA SFT: the reference is the base plus a frozen snapshot of those adapters.
+        ref_params = nnx.merge_state(jax.tree.map(jnp.copy, policy_params), frozen)
+    else:
+        ref_params = frozen
+
+    reward_graphdef = reward_params = None
+    if c.reward.kind == "model":
+        reward_graphdef, reward_params = nnx.split(load_pretrained(
+            c.reward.model_path, kind="scalar", dtype=c.model.dtype, mesh=mesh))
+    return Models(policy.cfg, policy_graphdef, ref_graphdef, policy_params, frozen, ref_params, value_graphdef,
+                  value_params, reward_graphdef, reward_params)

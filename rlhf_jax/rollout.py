@@ -1,0 +1,120 @@
+"""One rollout as a pure jitted function: sample from the policy, then score the samples with the
+reference (and a separate value model, and a learned reward model) in the same program.
+
+    rollout = make_rollout(config, policy_graphdef=..., ref_graphdef=..., eos_ids=(eos,), pad_id=pad)
+    batch = rollout(policy_params, ref_params, prompt_ids, prompt_mask, key)   # -> Rollout
+
+The factory needs the config, graphdefs and the mesh only (no weights), so the function can be
+compiled ahead of time from shapes (`rollout.lower(abstract args).compile()`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.ops import token_logprobs
+from rlhf_jax.sampling import generate
+from rlhf_jax.sharding import batch_sharding
+
+
+@flax.struct.dataclass
+class Rollout:
+    """A batch of sampled responses and what the update needs of them; every array's first axis is the batch.
+
+    prompt_ids, prompt_mask: int32[b, prompt_len] (left-padded);
+    response_ids, response_mask: int32[b, response_len] (pad and 0 after EOS);
+    logprobs: f32[b, response_len], the sampled tokens' log-probs under the sampling distribution;
+    ref_logprobs: f32[b, response_len], the same tokens under the reference (same temperature);
+    values: f32[b, response_len], the value head's (or value model's) estimates;
+    lengths: int32[b], response tokens per row (EOS included);
+    scores: f32[b] from a learned reward model, or None (a Python reward is scored on the host).
+    """
+
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    response_ids: jax.Array
+    response_mask: jax.Array
+    logprobs: jax.Array
+    ref_logprobs: jax.Array
+    values: jax.Array
+    lengths: jax.Array
+    scores: jax.Array | None = None
+
+    def sequences(self):
+        """Prompt + response ids and mask: int32[b, prompt_len + response_len]."""
+        return join(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)
+
+
+def join(prompt_ids, prompt_mask, response_ids, response_mask):
+    return (jnp.concatenate([prompt_ids, response_ids], axis=1),
+            jnp.concatenate([prompt_mask, response_mask], axis=1))
+
+
+def response_positions(prompt_len: int, response_len: int) -> slice:
+    """The positions whose outputs predict the response tokens (prompts are left-padded to prompt_len)."""
+    return slice(prompt_len - 1, prompt_len - 1 + response_len)
+
+
+def response_outputs(model, ids, mask, prompt_len: int, response_len: int, with_values: bool):
+    """Logits (and values) at the positions that predict each response token."""
+    hidden, _ = model.backbone(ids, mask, output_index=response_positions(prompt_len, response_len))
+    return model.logits(hidden), (model.values(hidden) if with_values else None)
+
+
+def sequence_logprobs(graphdef, params, ids, mask, response_ids, temperature: float):
+    """Log-probs of `response_ids` under a causal LM over the whole sequence (the training program):
+    f32[b, response_len]."""
+    prompt_len = ids.shape[1] - response_ids.shape[1]
+    logits, _ = response_outputs(nnx.merge(graphdef, params), ids, mask, prompt_len, response_ids.shape[1],
+                                 with_values=False)
+    return token_logprobs(logits / temperature, response_ids)
+
+
+def sequence_values(graphdef, params, ids, mask, response_len: int):
+    """A separate value model's values at the positions that predict each response token."""
+    positions = response_positions(ids.shape[1] - response_len, response_len)
+    return nnx.merge(graphdef, params)(ids, mask, positions)
+
+
+def make_rollout(config, *, policy_graphdef, ref_graphdef, value_graphdef=None, reward_graphdef=None,
+                 eos_ids: Sequence[int] = (), pad_id: int = 0, mesh=None):
+    """The jitted rollout of a run: `rollout(policy_params, ref_params, prompt_ids, prompt_mask, key,
+    value_params=None, reward_params=None) -> Rollout`.
+
+    Reads `config.sampling` (max_new_tokens, temperature, top_k, top_p). With `value_graphdef` the
+    values come from that separate value model; without it from the policy's value head, as sampled
+    (no extra forward). With `reward_graphdef` the Rollout carries the reward model's scores.
+    `eos_ids` end a row (empty: every row runs to max_new_tokens); `pad_id` fills the rest.
+    On a `mesh`, the outputs are sharded over the batch axes.
+    """
+    s = config.sampling
+    temperature = s.temperature
+    gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=temperature, top_k=s.top_k, top_p=s.top_p,
+                      eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+    shared_value = value_graphdef is None
+
+    def rollout(policy_params, ref_params, prompt_ids, prompt_mask, key, value_params=None, reward_params=None):
+        out = generate(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, with_values=shared_value,
+                       **gen_kwargs)
+        ids, mask = join(prompt_ids, prompt_mask, out["response_ids"], out["response_mask"])
+        ref_logprobs = sequence_logprobs(ref_graphdef, ref_params, ids, mask, out["response_ids"], temperature)
+        if shared_value:
+            values = out["values"]
+        else:
+            values = sequence_values(value_graphdef, value_params, ids, mask, s.max_new_tokens)
+        scores = None
+        if reward_graphdef is not None:
+            scores = nnx.merge(reward_graphdef, reward_params).sequence_scores(ids, mask)
+        result = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out["response_ids"],
+                         response_mask=out["response_mask"], logprobs=out["logprobs"], ref_logprobs=ref_logprobs,
+                         values=values, lengths=out["lengths"], scores=scores)
+        if mesh is None:
+            return result
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim)), result)
+
+    return jax.jit(rollout)
