@@ -24,7 +24,7 @@ from rlhf_jax import advantages as adv_lib
 from rlhf_jax import kl as kl_lib
 from rlhf_jax.ppo import lm_ppo_loss, ppo_update, rollout_metrics
 from rlhf_jax.rollout import Rollout, response_outputs, sequence_values
-from rlhf_jax.sharding import state_shardings
+from rlhf_jax.sharding import replicated, state_shardings
 
 
 @flax.struct.dataclass
@@ -172,10 +172,37 @@ def make_ppo_update(config, *, policy_graphdef, value_graphdef=None, eos_ids: Se
         metrics["val/returns_mean"] = jnp.sum(returns) / jnp.maximum(mask.sum(), 1)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, kl=new_kl, key=key,
                                   score_stats=score_stats)
-        if mesh is not None:
-            # The shapes are known while tracing, so the partition rules give the new state's layout:
-            # the donated input buffers are reused and the next call sees the same shardings.
-            new_state = jax.lax.with_sharding_constraint(new_state, state_shardings(new_state, mesh))
         return new_state, metrics
 
-    return jax.jit(update, donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(update, donate_argnums=(0,))
+    return StateSharded(update, mesh)
+
+
+class StateSharded:
+    """`jax.jit(fn, donate_argnums=0)` for `fn(state, ...) -> (state, metrics)` whose output state has
+    the partition rules' shardings (and the metrics are replicated).
+
+    The rules need the state's tree, which the factory does not have: the jitted function is made
+    at the first call (or `lower`) for each state structure. The state that comes out carries the
+    very shardings that went in, so the next call reuses the compiled program.
+    """
+
+    def __init__(self, fn, mesh):
+        self.fn, self.mesh, self._jitted = fn, mesh, {}
+
+    def _get(self, state):
+        treedef = jax.tree.structure(state)
+        if treedef not in self._jitted:
+            out_shardings = (state_shardings(state, self.mesh), replicated(self.mesh))
+            self._jitted[treedef] = jax.jit(self.fn, donate_argnums=(0,), out_shardings=out_shardings)
+        return self._jitted[treedef]
+
+    def __call__(self, state, *args, **kwargs):
+        return self._get(state)(state, *args, **kwargs)
+
+    def lower(self, state, *args, **kwargs):
+        return self._get(state).lower(state, *args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return sum(f._cache_size() for f in self._jitted.values())

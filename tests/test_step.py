@@ -133,3 +133,15 @@ def test_imports_point_one_way():
         return seen
     cycles = [m for m in graph if not m.endswith(("rlhf_jax", "models")) and m in reachable(m)]
     assert not cycles, cycles
+
+
+def test_trainer_loop_compiles_each_function_once(tmp_path):
+    from rlhf_jax.trainer import PPOTrainer
+    config = tiny.get_config()
+    config.logging.progress = False
+    trainer = PPOTrainer(config, str(tmp_path))
+    state = trainer.init_state()
+    for _ in range(3):
+        state, _, _ = trainer.iteration(state)
+    assert trainer.rollout_fn._cache_size() == 1
+    assert trainer.update_fn._cache_size() == 1
