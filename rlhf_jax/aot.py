@@ -43,6 +43,9 @@ class AbstractIteration:
     rollout_args: tuple
     rollout_kwargs: dict
     update_args: tuple
+    # What a run keeps on the devices between calls, each buffer once: the train state, the frozen
+    # LoRA base, the reference's own weights (none when it is that base) and a reward model's.
+    resident: dict
 
     def lower_rollout(self):
         return self.rollout_fn.lower(*self.rollout_args, **self.rollout_kwargs)
@@ -72,11 +75,14 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     trainable, frozen = _sharded_params(trainable, mesh), _sharded_params(frozen, mesh)
     policy_params = nnx.merge_state(trainable, frozen)
     if lora:
+        # The reference is the base with the adapters off: the frozen buffers under a graph without adapters.
         base_cfg = model_cfg.replace(lora_rank=0, lora_targets=())
         ref_graphdef, ref_params = nnx.split(nnx.eval_shape(lambda: CausalLM(base_cfg, rngs=nnx.Rngs(0))))
         ref_params = _sharded_params(ref_params, mesh)
+        ref_copy = None
     else:
         ref_graphdef, ref_params = policy_graphdef, policy_params
+        ref_copy = ref_params
 
     params = {"policy": trainable}
     value_graphdef = None
@@ -108,4 +114,6 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     scores = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=batch_sharding(mesh, 1))
     update_fn = make_ppo_update(config, policy_graphdef=policy_graphdef, value_graphdef=value_graphdef,
                                 eos_ids=eos_ids, optimizer=optimizer, mesh=mesh)
-    return AbstractIteration(rollout_fn, update_fn, rollout_args, rollout_kwargs, (state, rollout, scores, frozen))
+    resident = {"state": state, "frozen": frozen, "reference": ref_copy, "reward": reward_params}
+    return AbstractIteration(rollout_fn, update_fn, rollout_args, rollout_kwargs, (state, rollout, scores, frozen),
+                             resident)

@@ -18,14 +18,20 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # a local HF folder (config.json + safetensors); empty: the built-in architecture below
+    # vocab_size 0: the tokenizer's; num_kv_heads / intermediate_size 0: num_heads / 4 x hidden_size.
     c.model.builtin = ml_collections.ConfigDict(dict(
         family="gpt2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=0, intermediate_size=0,
-        max_position_embeddings=64, init_seed=0))
+        max_position_embeddings=64, init_seed=0, vocab_size=0, rope_theta=10000.0, norm_eps=1e-5,
+        tie_word_embeddings=True))
     c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU, float32 on CPU
     c.model.param_dtype = "float32"
     c.model.value_model = "shared"  # "shared": value head on the policy's backbone; "separate": its own model
     c.model.value_path = ""  # separate value model from an HF scalar folder (e.g. the reward model)
     c.model.reference_path = ""  # empty: the reference is the initial policy
+    # Memory levers of the update (they change memory and time, not results):
+    c.model.remat = "none"  # per block: "none", "full" (recompute it in the backward), "dots" (keep matmul outputs)
+    c.model.logits_chunk = 0  # > 0: log-probs and entropy this many response positions at a time (no full logits)
+    c.model.shard_activations = True  # keep activations and minibatches sharded over (data, fsdp) on a mesh
 
     # path empty: model.path. pad_token: set a pad token (e.g. when the tokenizer's pad is its EOS).
     c.tokenizer = ml_collections.ConfigDict(dict(path="", pad_token=""))
@@ -107,6 +113,11 @@ def validate(config, num_devices: int = 1) -> None:
     _choice(config, "model.value_model", ("shared", "separate"))
     _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.param_dtype", ("float32", "bfloat16", "float16"))
+    _choice(config, "model.remat", ("none", "full", "dots"))
+    _positive(config, "model.logits_chunk", allow_zero=True)
+    if config.model.logits_chunk and config.sampling.max_new_tokens % config.model.logits_chunk:
+        raise ConfigError(f"config.model.logits_chunk = {config.model.logits_chunk} does not divide "
+                          f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens}")
     _choice(config, "reward.kind", ("function", "model"))
     _choice(config, "reward.normalize", ("none", "reference", "running"))
     _choice(config, "data.truncation", ("left", "reject"))

@@ -53,14 +53,16 @@ def builtin_task(config) -> ModuleType:
 
 
 def builtin_model_config(config, vocab_size: int) -> ModelConfig:
-    """The ModelConfig of `config.model.builtin` (a random architecture of the given family)."""
+    """The ModelConfig of `config.model.builtin` (a random architecture of the given family); its
+    vocabulary is `vocab_size` (the tokenizer's) unless the config sets one."""
     b = config.model.builtin
     heads = b.num_heads
-    kw = dict(family=b.family, vocab_size=vocab_size, hidden_size=b.hidden_size, num_layers=b.num_layers,
-              num_heads=heads, num_kv_heads=b.num_kv_heads or heads, head_dim=b.hidden_size // heads,
-              intermediate_size=b.intermediate_size or 4 * b.hidden_size,
-              max_position_embeddings=b.max_position_embeddings, dtype=config.model.dtype,
-              param_dtype=config.model.param_dtype)
+    kw = dict(family=b.family, vocab_size=b.vocab_size or vocab_size, hidden_size=b.hidden_size,
+              num_layers=b.num_layers, num_heads=heads, num_kv_heads=b.num_kv_heads or heads,
+              head_dim=b.hidden_size // heads, intermediate_size=b.intermediate_size or 4 * b.hidden_size,
+              max_position_embeddings=b.max_position_embeddings, rope_theta=float(b.rope_theta),
+              norm_eps=float(b.norm_eps), tie_word_embeddings=bool(b.tie_word_embeddings),
+              dtype=config.model.dtype, param_dtype=config.model.param_dtype)
     if b.family == "gpt2":
         kw.update(qkv_bias=True, o_bias=True, mlp_bias=True)
     return ModelConfig(**kw)

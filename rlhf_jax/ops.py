@@ -24,6 +24,30 @@ def entropy_from_logits(logits):
     return logz[..., 0] - jnp.sum(probs * logits, axis=-1)
 
 
+def chunked_token_stats(hidden, head, tokens, chunk: int):
+    """Log-probs of `tokens` and entropies under softmax(head(hidden)), `chunk` positions at a time.
+
+    hidden: f[b, n, d]; head: f[..., d] -> logits f32[..., vocab]; tokens: int[b, n]; `chunk` divides n.
+    Returns (logprobs, entropy): f32[b, n]. Only one chunk's [b, chunk, vocab] logits exist at a time,
+    in the backward too (each chunk's logits are recomputed there): the vocabulary-sized tensor that
+    otherwise dominates a long response's memory.
+    """
+    b, n, d = hidden.shape
+    if n % chunk:
+        raise ValueError(f"logits chunk {chunk} does not divide the {n} response positions")
+
+    @jax.checkpoint
+    def one(args):
+        h, t = args
+        logits = head(h)
+        return token_logprobs(logits, t), entropy_from_logits(logits)
+
+    chunks = (hidden.reshape(b, n // chunk, chunk, d).swapaxes(0, 1),
+              tokens.reshape(b, n // chunk, chunk).swapaxes(0, 1))
+    logprobs, entropy = jax.lax.map(one, chunks)
+    return logprobs.swapaxes(0, 1).reshape(b, n), entropy.swapaxes(0, 1).reshape(b, n)
+
+
 def masked_sum(x, mask, axis=None, axis_name=None):
     total = jnp.sum(jnp.where(mask, x, 0.0), axis=axis)
     return total if axis_name is None else jax.lax.psum(total, axis_name)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.kl import get_estimator
-from rlhf_jax.ops import entropy_from_logits, masked_mean, masked_var, token_logprobs
+from rlhf_jax.ops import chunked_token_stats, entropy_from_logits, masked_mean, masked_var, token_logprobs
 
 AGGREGATIONS = ("token", "sequence")
 
@@ -99,7 +99,8 @@ def rollout_metrics(scores, kl, non_score_rewards, logprobs, mask):
 
 
 def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
-               num_epochs: int, num_minibatches: int, axis_name: str | None = None):
+               num_epochs: int, num_minibatches: int, axis_name: str | None = None,
+               shard_minibatch: Callable | None = None):
     """`num_epochs` x `num_minibatches` optimizer steps over one rollout batch, all in lax.scan.
 
     Args:
@@ -109,6 +110,8 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
       loss_fn: `(params, minibatch) -> (loss, stats dict of scalars)`.
       optimizer: an optax transformation (gradient clipping and the schedule live in it).
       axis_name: under pmap/shard_map, gradients and stats are averaged over this axis.
+      shard_minibatch: applied to every array of a selected minibatch (under jit on a mesh: a
+        sharding constraint, since the random-permutation gather drops the batch axis' sharding).
     Returns (params, opt_state, stats): stats are the means over every minibatch step,
     plus `grad_norm` (before clipping) and `nonfinite_steps` (steps whose gradient
     was not finite; those steps are skipped, and the caller decides to stop).
@@ -122,6 +125,8 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
     def minibatch_step(carry, indices):
         params, opt_state = carry
         minibatch = jax.tree.map(lambda x: x[indices], batch)
+        if shard_minibatch is not None:
+            minibatch = jax.tree.map(shard_minibatch, minibatch)
         (loss, stats), grads = grad_fn(params, minibatch)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
@@ -153,26 +158,35 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
 
 def lm_ppo_loss(forward: Callable, *, temperature: float, cliprange: float, cliprange_value: float,
                 vf_coef: float, ent_coef: float = 0.0, aggregation: str = "token",
-                kl_loss_coef: float = 0.0, kl_estimator: str = "k3") -> Callable:
+                kl_loss_coef: float = 0.0, kl_estimator: str = "k3", head: Callable | None = None,
+                logits_chunk: int = 0) -> Callable:
     """The PPO loss of a language-model policy, as a `loss_fn` for `ppo_update`.
 
     `forward(params, minibatch) -> (logits f32[b, response_len, vocab], values f32[b, response_len])`
     gives the policy's logits at the positions that predict each response token
     and the value model's (or value head's) values there. The logits are divided
     by the sampling temperature, exactly as the sampler did, so the first ratio is 1.
+    With `head(params, hidden) -> logits` and `logits_chunk` > 0, `forward` returns the hidden
+    states f[b, response_len, d] instead, and the log-probs and entropies are computed
+    `logits_chunk` positions at a time (`ops.chunked_token_stats`): the same values without
+    the whole [b, response_len, vocab] logits in memory.
 
     The minibatch holds response_ids, response_mask, logprobs (old), values (old),
     advantages, returns, and ref_logprobs when kl_loss_coef > 0.
     """
 
     def loss_fn(params, mb: dict[str, Any]):
-        logits, values = forward(params, mb)
-        logits = logits / temperature
+        outputs, values = forward(params, mb)
         mask = mb["response_mask"].astype(bool)
-        logprobs = token_logprobs(logits, mb["response_ids"])
+        if head is not None and logits_chunk:
+            scaled_head = lambda hidden: head(params, hidden) / temperature
+            logprobs, token_entropy = chunked_token_stats(outputs, scaled_head, mb["response_ids"], logits_chunk)
+        else:
+            logits = outputs / temperature if head is None else head(params, outputs) / temperature
+            logprobs, token_entropy = token_logprobs(logits, mb["response_ids"]), entropy_from_logits(logits)
         pg_loss, pg = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cliprange, aggregation)
         vf_loss, vf = value_loss(values, mb["values"], mb["returns"], mask, cliprange_value, aggregation)
-        entropy = masked_mean(entropy_from_logits(logits), mask)
+        entropy = masked_mean(token_entropy, mask)
         loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy
         stats = {
             "policy/approxkl_avg": pg["approxkl"],

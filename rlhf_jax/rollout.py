@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhf_jax.ops import token_logprobs
+from rlhf_jax.ops import chunked_token_stats, token_logprobs
 from rlhf_jax.sampling import generate
-from rlhf_jax.sharding import batch_sharding
+from rlhf_jax.sharding import batch_constraint, batch_sharding
 
 
 @flax.struct.dataclass
@@ -60,25 +60,24 @@ def response_positions(prompt_len: int, response_len: int) -> slice:
     return slice(prompt_len - 1, prompt_len - 1 + response_len)
 
 
-def response_outputs(model, ids, mask, prompt_len: int, response_len: int, with_values: bool):
-    """Logits (and values) at the positions that predict each response token."""
-    hidden, _ = model.backbone(ids, mask, output_index=response_positions(prompt_len, response_len))
-    return model.logits(hidden), (model.values(hidden) if with_values else None)
-
-
-def sequence_logprobs(graphdef, params, ids, mask, response_ids, temperature: float):
+def sequence_logprobs(graphdef, params, ids, mask, response_ids, temperature: float, logits_chunk: int = 0,
+                      **backbone_options):
     """Log-probs of `response_ids` under a causal LM over the whole sequence (the training program):
-    f32[b, response_len]."""
-    prompt_len = ids.shape[1] - response_ids.shape[1]
-    logits, _ = response_outputs(nnx.merge(graphdef, params), ids, mask, prompt_len, response_ids.shape[1],
-                                 with_values=False)
-    return token_logprobs(logits / temperature, response_ids)
+    f32[b, response_len]. `logits_chunk` > 0: that many positions' logits at a time."""
+    response_len = response_ids.shape[1]
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.backbone(ids, mask, output_index=response_positions(ids.shape[1] - response_len, response_len),
+                               **backbone_options)
+    head = lambda h: model.logits(h) / temperature
+    if logits_chunk:
+        return chunked_token_stats(hidden, head, response_ids, logits_chunk)[0]
+    return token_logprobs(head(hidden), response_ids)
 
 
-def sequence_values(graphdef, params, ids, mask, response_len: int):
+def sequence_values(graphdef, params, ids, mask, response_len: int, **backbone_options):
     """A separate value model's values at the positions that predict each response token."""
     positions = response_positions(ids.shape[1] - response_len, response_len)
-    return nnx.merge(graphdef, params)(ids, mask, positions)
+    return nnx.merge(graphdef, params)(ids, mask, positions, **backbone_options)
 
 
 def make_rollout(config, *, policy_graphdef, ref_graphdef, value_graphdef=None, reward_graphdef=None,
@@ -86,7 +85,9 @@ def make_rollout(config, *, policy_graphdef, ref_graphdef, value_graphdef=None, 
     """The jitted rollout of a run: `rollout(policy_params, ref_params, prompt_ids, prompt_mask, key,
     value_params=None, reward_params=None) -> Rollout`.
 
-    Reads `config.sampling` (max_new_tokens, temperature, top_k, top_p). With `value_graphdef` the
+    Reads `config.sampling` (max_new_tokens, temperature, top_k, top_p) and `config.model`'s
+    logits_chunk and shard_activations (the prefill and the scoring forwards keep the batch
+    sharded on a mesh; the decode loop is left to XLA). With `value_graphdef` the
     values come from that separate value model; without it from the policy's value head, as sampled
     (no extra forward). With `reward_graphdef` the Rollout carries the reward model's scores.
     `eos_ids` end a row (empty: every row runs to max_new_tokens); `pad_id` fills the rest.
@@ -94,22 +95,25 @@ def make_rollout(config, *, policy_graphdef, ref_graphdef, value_graphdef=None, 
     """
     s = config.sampling
     temperature = s.temperature
+    shard_batch = batch_constraint(mesh) if mesh is not None and config.model.shard_activations else None
     gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=temperature, top_k=s.top_k, top_p=s.top_p,
-                      eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+                      eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id), constrain_prefill=shard_batch)
     shared_value = value_graphdef is None
+    options = dict(constrain=shard_batch)
 
     def rollout(policy_params, ref_params, prompt_ids, prompt_mask, key, value_params=None, reward_params=None):
         out = generate(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, with_values=shared_value,
                        **gen_kwargs)
         ids, mask = join(prompt_ids, prompt_mask, out["response_ids"], out["response_mask"])
-        ref_logprobs = sequence_logprobs(ref_graphdef, ref_params, ids, mask, out["response_ids"], temperature)
+        ref_logprobs = sequence_logprobs(ref_graphdef, ref_params, ids, mask, out["response_ids"], temperature,
+                                         config.model.logits_chunk, **options)
         if shared_value:
             values = out["values"]
         else:
-            values = sequence_values(value_graphdef, value_params, ids, mask, s.max_new_tokens)
+            values = sequence_values(value_graphdef, value_params, ids, mask, s.max_new_tokens, **options)
         scores = None
         if reward_graphdef is not None:
-            scores = nnx.merge(reward_graphdef, reward_params).sequence_scores(ids, mask)
+            scores = nnx.merge(reward_graphdef, reward_params).sequence_scores(ids, mask, **options)
         result = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out["response_ids"],
                          response_mask=out["response_mask"], logprobs=out["logprobs"], ref_logprobs=ref_logprobs,
                          values=values, lengths=out["lengths"], scores=scores)

@@ -100,6 +100,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_constraint(mesh: Mesh):
+    """A function that pins an array's leading axis to (data, fsdp) inside jit (scalars pass through):
+    XLA otherwise often keeps activations replicated and weights in place, holding the whole batch
+    on every device."""
+    def constrain(x):
+        return x if x.ndim == 0 else jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))
+    return constrain
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

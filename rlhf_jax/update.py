@@ -23,8 +23,8 @@ from flax import nnx
 from rlhf_jax import advantages as adv_lib
 from rlhf_jax import kl as kl_lib
 from rlhf_jax.ppo import lm_ppo_loss, ppo_update, rollout_metrics
-from rlhf_jax.rollout import Rollout, response_outputs, sequence_values
-from rlhf_jax.sharding import replicated, state_shardings
+from rlhf_jax.rollout import Rollout, response_positions, sequence_values
+from rlhf_jax.sharding import batch_constraint, replicated, state_shardings
 
 
 @flax.struct.dataclass
@@ -112,7 +112,8 @@ def make_ppo_update(config, *, policy_graphdef, value_graphdef=None, eos_ids: Se
                     optimizer: optax.GradientTransformation | None = None, mesh=None):
     """The jitted PPO update: `update(state, rollout, scores, frozen=None) -> (state, metrics)`.
 
-    Reads `config.ppo`, `config.reward` (scale, bias, normalize) and `config.sampling.temperature`.
+    Reads `config.ppo`, `config.reward` (scale, bias, normalize), `config.sampling.temperature` and the
+    memory levers of `config.model` (remat, logits_chunk, shard_activations).
     `frozen`: the policy's params outside the state (a LoRA base), merged in for the forward.
     `scores`: f32[b], one per rollout row. `value_graphdef`: a separate value model (its params are
     `state.params["value"]`); without it the policy's value head serves. `eos_ids` serve the
@@ -125,21 +126,31 @@ def make_ppo_update(config, *, policy_graphdef, value_graphdef=None, eos_ids: Se
     estimator = kl_lib.get_estimator(p.kl_estimator)
     eos_ids = tuple(int(e) for e in eos_ids)
 
+    m = config.model
+    shard_batch = batch_constraint(mesh) if mesh is not None and m.shard_activations else None
+    backbone_options = dict(remat=m.remat, constrain=shard_batch)
+
     def loss_fn(frozen, prompt_len: int, response_len: int):
+        policy = lambda params: nnx.merge(policy_graphdef, *((params["policy"],) if frozen is None
+                                                             else (params["policy"], frozen)))
+
         def forward(params, mb):
+            """Hidden states (the head runs in the loss, in chunks if asked) and values."""
             ids = jnp.concatenate([mb["prompt_ids"], mb["response_ids"]], axis=1)
             mask = jnp.concatenate([mb["prompt_mask"], mb["response_mask"]], axis=1)
-            states = (params["policy"],) if frozen is None else (params["policy"], frozen)
-            model = nnx.merge(policy_graphdef, *states)
-            logits, values = response_outputs(model, ids, mask, prompt_len, response_len, with_values=shared_value)
-            if not shared_value:
-                values = sequence_values(value_graphdef, params["value"], ids, mask, response_len)
-            return logits, values
+            model = policy(params)
+            hidden, _ = model.backbone(ids, mask, output_index=response_positions(prompt_len, response_len),
+                                       **backbone_options)
+            if shared_value:
+                return hidden, model.values(hidden)
+            return hidden, sequence_values(value_graphdef, params["value"], ids, mask, response_len,
+                                           **backbone_options)
 
         return lm_ppo_loss(forward, temperature=temperature, cliprange=p.cliprange,
                            cliprange_value=p.cliprange_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
                            aggregation=p.loss_aggregation, kl_loss_coef=1.0 if p.kl_in_loss else 0.0,
-                           kl_estimator=p.kl_loss_estimator)
+                           kl_estimator=p.kl_loss_estimator, head=lambda params, h: policy(params).logits(h),
+                           logits_chunk=m.logits_chunk)
 
     def update(state: TrainState, rollout: Rollout, scores, frozen=None):
         mask = rollout.response_mask.astype(bool)
@@ -163,7 +174,8 @@ def make_ppo_update(config, *, policy_graphdef, value_graphdef=None, eos_ids: Se
         prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
         params, opt_state, stats = ppo_update(
             state.params, state.opt_state, batch, update_key, loss_fn=loss_fn(frozen, prompt_len, response_len),
-            optimizer=optimizer, num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches)
+            optimizer=optimizer, num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches,
+            shard_minibatch=shard_batch)
         metrics = rollout_metrics(scores, kl, non_score, rollout.logprobs, mask)
         new_kl = kl_lib.update_kl_controller(state.kl, metrics["objective/kl"], scores.shape[0])
         metrics.update(stats)

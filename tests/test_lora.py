@@ -12,9 +12,8 @@ from flax import nnx
 
 from rlhf_jax.models import load_pretrained, save_pretrained
 from rlhf_jax.models.lora import load_adapters, save_adapters, with_lora
-from rlhf_jax.ops import token_logprobs
 from rlhf_jax.tasks.demo import demo_config
-from rlhf_jax.rollout import response_outputs
+from rlhf_jax.rollout import sequence_logprobs
 from rlhf_jax.trainer import PPOTrainer
 
 
@@ -31,10 +30,8 @@ def lora_config(workdir, **lora):
 def teacher_forced(trainer, graphdef, params, out, prompt_ids, prompt_mask):
     ids = jnp.concatenate([prompt_ids, out["response_ids"]], 1)
     mask = jnp.concatenate([prompt_mask, out["response_mask"]], 1)
-    c = trainer.config
-    logits, _ = response_outputs(nnx.merge(graphdef, params), ids, mask, c.data.max_prompt_len,
-                                 c.sampling.max_new_tokens, with_values=False)
-    return np.asarray(token_logprobs(logits / c.sampling.temperature, out["response_ids"]))
+    return np.asarray(sequence_logprobs(graphdef, params, ids, mask, out["response_ids"],
+                                        trainer.config.sampling.temperature))
 
 
 def step0_logprobs(trainer):

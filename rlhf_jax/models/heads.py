@@ -71,11 +71,13 @@ class ScalarModel(nnx.Module):
         self.backbone = Transformer(cfg, rngs=rngs)
         self.score = Dense(cfg.hidden_size, 1, use_bias=False, cfg=cfg, rngs=rngs, zero_init=zero_head)
 
-    def __call__(self, input_ids, attention_mask, output_index=None):
-        """Per-token scalars f32[batch, seq] (or at `output_index` only: see `Transformer`)."""
-        hidden, _ = self.backbone(input_ids, attention_mask, output_index=output_index)
+    def __call__(self, input_ids, attention_mask, output_index=None, **backbone_options):
+        """Per-token scalars f32[batch, seq] (or at `output_index` only; `backbone_options`: remat,
+        constrain; see `Transformer`)."""
+        hidden, _ = self.backbone(input_ids, attention_mask, output_index=output_index, **backbone_options)
         return self.score(hidden)[..., 0].astype(jnp.float32)
 
-    def sequence_scores(self, input_ids, attention_mask):
+    def sequence_scores(self, input_ids, attention_mask, **backbone_options):
         """One score per row, read at its last real token: f32[batch]."""
-        return self(input_ids, attention_mask, output_index=last_token_index(attention_mask)[:, None])[:, 0]
+        index = last_token_index(attention_mask)[:, None]
+        return self(input_ids, attention_mask, output_index=index, **backbone_options)[:, 0]

@@ -276,6 +276,23 @@ def transpose_kernels(model) -> None:
             module.qkv_kernel_t = nnx.data(module.qkv_kernel().T)
 
 
+# What a rematerialised block saves for the backward (None: nothing but its inputs).
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _remat_block(layer, x, positions, allowed, inv_freq, remat: str):
+    """One block (no cache, every position) under `jax.checkpoint` with the named policy.
+
+    Functional (split, then merge inside) rather than `nnx.remat`: a LoRA block mixes variables of
+    two traces (the frozen base and the adapters being differentiated), which nnx.remat refuses."""
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x, positions, allowed, inv_freq):
+        return nnx.merge(graphdef, state)(x, positions, allowed, None, None, inv_freq)[0]
+
+    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, x, positions, allowed, inv_freq)
+
+
 class Transformer(nnx.Module):
     """Embeddings, blocks and the final norm: the backbone every head sits on."""
 
@@ -289,12 +306,20 @@ class Transformer(nnx.Module):
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = Norm(cfg.hidden_size, cfg)
 
-    def __call__(self, input_ids, attention_mask, cache=None, output_index=None):
+    def __call__(self, input_ids, attention_mask, cache=None, output_index=None, *, remat: str = "none",
+                 constrain=None):
         """input_ids, attention_mask: int[batch, seq]. Returns (hidden f[batch, seq, d], new cache or None).
 
         output_index: return the hidden states at these positions only (a slice, or int[batch, n]):
         the last block then runs its attention output and MLP there alone, and the final norm too.
+        remat (without a cache: training and scoring forwards): what a block keeps for the backward:
+          "none" (everything), "full" (only its input; the block is recomputed), "dots" (its matmul
+          outputs; the elementwise work is recomputed);
+        constrain: applied to the residual stream f[batch, seq, d] after the embedding and every
+          block (e.g. a sharding constraint that keeps the batch axis sharded).
         """
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
         cfg = self.cfg
         mask = attention_mask.astype(bool)
         seq = input_ids.shape[1]
@@ -317,15 +342,21 @@ class Transformer(nnx.Module):
             inv_freq = None
         else:
             inv_freq = rope_inv_freq(cfg)
+        constrain = constrain or (lambda y: y)
+        x = constrain(x)
         new_k, new_v = [], []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-            x, layer_cache = layer(x, positions, allowed, layer_cache, index, inv_freq,
-                                   output_index if i == last else None)
-            if cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
+            query_index = output_index if i == last else None
+            if cache is None and remat != "none" and query_index is None:
+                x = _remat_block(layer, x, positions, allowed, inv_freq, remat)
+            else:
+                layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+                x, layer_cache = layer(x, positions, allowed, layer_cache, index, inv_freq, query_index)
+                if cache is not None:
+                    new_k.append(layer_cache[0])
+                    new_v.append(layer_cache[1])
+            x = constrain(x)
         if not self.layers and output_index is not None:
             x = select_positions(x, output_index)
         hidden = self.final_norm(x)
