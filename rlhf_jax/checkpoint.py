@@ -1,6 +1,12 @@
 """Orbax checkpoints of the train state: save every N iterations, keep the newest few, and
-restore the newest one that reads back (a corrupt newest one is reported and set aside, never
-overwritten or deleted)."""
+restore the newest one that reads back.
+
+A checkpoint that does not match the run (another model size, LoRA on or off, another optimizer:
+its tree, shapes or dtypes differ from the run's state) stops the run with one line naming the
+first difference, and nothing is renamed: running the config that wrote it resumes it. A damaged
+checkpoint (unreadable, or holding non-finite values) is set aside as `<step>.corrupt-<time>`,
+never overwritten or deleted, and the previous one is tried.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,47 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from rlhf_jax.config import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointMismatch(ConfigError):
+    """A checkpoint written by a run whose state has another layout than this run's."""
+
+
+def describe(tree) -> dict[tuple, tuple]:
+    """{path of names: (shape, dtype)} of a state, an abstract state or Orbax's metadata of one."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        if names and names[-1] == "value":  # an nnx Variable's own level
+            names = names[:-1]
+        out[names] = (tuple(leaf.shape), str(jnp.dtype(leaf.dtype)))
+    return out
+
+
+def first_difference(saved: dict, expected: dict) -> str | None:
+    """The first path whose presence, shape or dtype differs, said in words; None when they match."""
+    for path in sorted(set(saved) | set(expected)):
+        name = "/".join(path)
+        if path not in saved:
+            return f"{name} is not in the checkpoint"
+        if path not in expected:
+            return f"the checkpoint has {name}, which this run does not"
+        if saved[path] != expected[path]:
+            (s_shape, s_dtype), (e_shape, e_dtype) = saved[path], expected[path]
+            return f"{name} is {s_dtype}{list(s_shape)} there and {e_dtype}{list(e_shape)} here"
+    return None
+
+
+def is_finite(tree) -> bool:
+    """Whether every floating-point value of a tree is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
 
 
 class Checkpointer:
@@ -19,7 +63,8 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -33,26 +78,44 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore_latest(self, abstract_state):
-        """Restore the newest readable checkpoint onto `abstract_state`'s structure and shardings.
+        """Restore the newest usable checkpoint onto `abstract_state`'s structure and shardings.
 
-        Returns (step, state, meta), or None when there is no checkpoint. A checkpoint
-        that fails to read is logged and renamed to `<step>.corrupt-<time>`, and the
-        previous one is tried.
+        Returns (step, state, meta), or None when there is no checkpoint. Raises CheckpointMismatch
+        (renaming nothing) when the newest checkpoint was written for another state layout; sets a
+        damaged one aside and tries the previous one.
         """
+        expected = describe(abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
+            path = os.path.join(self.directory, str(step))
+            try:
+                saved = describe(self.manager.metadata(step).item_metadata["state"])
+            except Exception as e:  # noqa: BLE001 - unreadable metadata means a damaged checkpoint
+                self._set_aside(step, f"its metadata does not read ({type(e).__name__}: {e})")
+                continue
+            difference = first_difference(saved, expected)
+            if difference:
+                raise CheckpointMismatch(
+                    f"checkpoint {path} was written by a run with another model or state layout ({difference}); "
+                    "it is left untouched: run the config that wrote it to resume, or use another --workdir")
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                return step, restored["state"], restored["meta"]
-            except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
-                path = os.path.join(self.directory, str(step))
-                aside = f"{path}.corrupt-{int(time.time())}"
-                log.warning("checkpoint %s could not be restored (%s: %s); moving it to %s and trying the "
-                            "previous one", path, type(e).__name__, e, aside)
-                if jax.process_index() == 0 and os.path.exists(path):
-                    os.rename(path, aside)
-                self.manager.reload()
+            except Exception as e:  # noqa: BLE001 - matching metadata but unreadable data: damaged
+                self._set_aside(step, f"it does not read ({type(e).__name__}: {e})")
+                continue
+            if not is_finite(restored["state"]):
+                self._set_aside(step, "it holds non-finite values")
+                continue
+            return step, restored["state"], restored["meta"]
         return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        path = os.path.join(self.directory, str(step))
+        aside = f"{path}.corrupt-{int(time.time())}"
+        log.warning("checkpoint %s is damaged: %s; moving it to %s and trying the previous one", path, why, aside)
+        if jax.process_index() == 0 and os.path.exists(path):
+            os.rename(path, aside)
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

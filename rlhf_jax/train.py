@@ -20,9 +20,9 @@ from typing import Callable
 
 import jax
 
-from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.checkpoint import Checkpointer, is_finite
 from rlhf_jax.metrics import MetricWriter
-from rlhf_jax.trainer import PPOTrainer, TrainState, params_are_finite
+from rlhf_jax.trainer import PPOTrainer, TrainState
 
 log = logging.getLogger("rlhf_jax")
 
@@ -47,8 +47,9 @@ class _Preemption:
 
 
 def _save(checkpointer: Checkpointer, state: TrainState, trainer: PPOTrainer, step: int) -> None:
-    if not params_are_finite(state.params):
-        raise FloatingPointError(f"iteration {step}: the parameters are not finite; not saving a checkpoint")
+    if not is_finite((state.params, state.opt_state)):
+        raise FloatingPointError(f"iteration {step}: the parameters or optimizer state are not finite; "
+                                 "not saving a checkpoint")
     checkpointer.save(step, state, {"step": step, "data": trainer.iterator.state()})
 
 

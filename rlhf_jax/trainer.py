@@ -257,8 +257,3 @@ class PPOTrainer:
 def _row_kl(logprobs, ref_logprobs, response_mask):
     """Per-row sum over response tokens of log pi(y) - log pi_ref(y) (k1), on device."""
     return jnp.sum((logprobs - ref_logprobs) * response_mask, axis=1)
-
-
-def params_are_finite(params) -> bool:
-    leaves = jax.tree.leaves(params)
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))

@@ -180,3 +180,18 @@ def test_pad_token_override_and_qa_reward(tmp_path):
     np.testing.assert_allclose(scores, [1 - 0.02, 1 - 0.12, -0.02], atol=1e-9)
     with pytest.raises(KeyError, match="no known question"):
         short_factual_reward(["what?"], ["x"])
+
+
+def test_changed_model_size_stops_and_leaves_checkpoints_untouched(tmp_path):
+    from rlhf_jax.checkpoint import CheckpointMismatch
+    config = tiny_config(train__num_iterations=2, checkpoint__every=2)
+    train(config, str(tmp_path))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    wider = tiny_config(train__num_iterations=3, checkpoint__every=2)
+    wider.model.builtin.hidden_size = 64
+    with pytest.raises(CheckpointMismatch, match=r"backbone/embed is float32\[\d+, 32\] there and float32\[\d+, 64\]"):
+        train(wider, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    config.train.num_iterations = 3
+    _, state, history = train(config, str(tmp_path))  # the config that wrote it resumes it
+    assert int(state.step) == 3 and len(history) == 1
