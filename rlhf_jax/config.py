@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Memory levers of the update (they change memory and time, not results):
     c.model.remat = "none"  # per block: "none", "full" (recompute it in the backward), "dots" (keep matmul outputs)
     c.model.logits_chunk = 0  # > 0: log-probs and entropy this many response positions at a time (no full logits)
-    c.model.shard_activations = True  # keep activations and minibatches sharded over (data, fsdp) on a mesh
+    c.model.shard_activations = True  # the update keeps activations and minibatches sharded over (data, fsdp)
 
     # path empty: model.path. pad_token: set a pad token (e.g. when the tokenizer's pad is its EOS).
     c.tokenizer = ml_collections.ConfigDict(dict(path="", pad_token=""))

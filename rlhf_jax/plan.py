@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -47,6 +48,9 @@ def topology_devices(topology: str):
     if generation not in GENERATIONS or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
         raise PlanError(f"--topology={topology!r}: expected <generation>:<shape> with generation one of "
                         f"{sorted(GENERATIONS)}, e.g. v5e:4x4, v5p:2x2x1, v4:2x2x1")
+    # Compiling needs no TPU of its own: do not take libtpu's one-process-per-host lock (a test run, or
+    # a training job on this TPU VM, may hold it).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
         import libtpu  # noqa: F401 - only to say what is missing

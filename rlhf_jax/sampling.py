@@ -10,7 +10,7 @@ loop, so a call is a pure function of its key. Nothing synchronises with the hos
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,11 +78,11 @@ def categorical(uniform, logits):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
-                     "with_values", "constrain_prefill"))
+                     "with_values", "transposed_kernels"))
 def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, with_values: bool = False,
-             constrain_prefill: Callable | None = None):
+             transposed_kernels: bool | None = None):
     """Sample `max_new_tokens` continuations of a batch of prompts.
 
     Args:
@@ -95,9 +95,9 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
       pad_id: written after a row's EOS.
       with_values: also return the value head's output at each sampled position
         (the model must have a value head); costs no extra forward.
-      constrain_prefill: applied to the prefill's activations and to the KV cache's per-row
-        arrays (e.g. a sharding constraint that keeps them sharded over the batch); not inside
-        the decode loop.
+      transposed_kernels: decode with (out, in) copies of the kernels (faster on XLA:CPU, a second
+        copy of the weights elsewhere); None: when JAX's default backend is the CPU. Compiling for
+        other devices from a CPU host (a TPU slice's compile-only devices) must say False.
 
     Returns a dict:
       response_ids: int32[batch, max_new_tokens], pad after EOS;
@@ -118,12 +118,10 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    if constrain_prefill is not None:
-        cache = {k: v if k == "index" else jax.tree.map(constrain_prefill, v) for k, v in cache.items()}
     hidden, cache = model.backbone(prompt_ids, prompt_mask, cache,
-                                   output_index=last_token_index(prompt_mask)[:, None], constrain=constrain_prefill)
+                                   output_index=last_token_index(prompt_mask)[:, None])
     hidden = hidden[:, 0]
-    if jax.default_backend() == "cpu":
+    if transposed_kernels if transposed_kernels is not None else jax.default_backend() == "cpu":
         transpose_kernels(model)
 
     # Drawn up front: inside the loop, XLA:CPU runs each threefry call as a rolled loop of its own

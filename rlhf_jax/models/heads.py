@@ -77,7 +77,6 @@ class ScalarModel(nnx.Module):
         hidden, _ = self.backbone(input_ids, attention_mask, output_index=output_index, **backbone_options)
         return self.score(hidden)[..., 0].astype(jnp.float32)
 
-    def sequence_scores(self, input_ids, attention_mask, **backbone_options):
+    def sequence_scores(self, input_ids, attention_mask):
         """One score per row, read at its last real token: f32[batch]."""
-        index = last_token_index(attention_mask)[:, None]
-        return self(input_ids, attention_mask, output_index=index, **backbone_options)[:, 0]
+        return self(input_ids, attention_mask, output_index=last_token_index(attention_mask)[:, None])[:, 0]

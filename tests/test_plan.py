@@ -1,0 +1,56 @@
+"""The planner's command line: a table and one JSON line, exit 3 with the function named when it
+does not fit, one line and exit 2 for a bad argument."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _plan(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "rlhf_jax.plan", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_plan_on_local_devices_prints_a_json_line():
+    result = _plan("--config=configs/tiny.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["fits"] and report["devices"] >= 1
+    for name in ("rollout", "update"):
+        f = report["functions"][name]
+        assert f["total_gib"] > 0 and f["flops"] > 0 and f["compile_s"] > 0
+        # The total counts the resident train state, more than the function's own temporaries.
+        assert f["total_gib"] > f["temp_gib"]
+    assert "rollout" in result.stdout and "update" in result.stdout
+
+
+def test_plan_reports_what_does_not_fit_on_a_tpu_slice():
+    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]'): no compile-only TPU")
+    # A 1.7 B-parameter model with f32 Adam replicated on every chip (no FSDP) needs ~26 GiB per v5e chip.
+    result = _plan("--config=configs/tiny.py", "--topology=v5e:2x2", "--only=update", "--config.mesh.data=4",
+                   "--config.model.builtin.family=llama", "--config.model.builtin.num_layers=1",
+                   "--config.model.builtin.hidden_size=8192", "--config.model.builtin.num_heads=64",
+                   "--config.model.builtin.intermediate_size=16384", "--config.model.builtin.vocab_size=65536",
+                   "--config.model.builtin.tie_word_embeddings=False")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "does not fit: update needs" in result.stderr and "15.75 GiB available" in result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not report["fits"] and not report["functions"]["update"]["fits"]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology=v9z:2x2"], "--topology='v9z:2x2'"),
+    (["--only=sample"], "--only=sample"),
+    (["--config.model.remat=some"], "config.model.remat = 'some'"),
+])
+def test_plan_bad_arguments_are_one_line(args, message):
+    result = _plan("--config=configs/tiny.py", *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
