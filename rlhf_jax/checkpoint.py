@@ -40,7 +40,8 @@ def describe(tree) -> dict[tuple, tuple]:
 
 def first_difference(saved: dict, expected: dict) -> str | None:
     """The first path whose presence, shape or dtype differs, said in words; None when they match."""
-    for path in sorted(set(saved) | set(expected)):
+    # Parameters first: "params/policy/backbone/embed" says more to a user than its Adam moment's path.
+    for path in sorted(set(saved) | set(expected), key=lambda p: (p[:1] != ("params",), p)):
         name = "/".join(path)
         if path not in saved:
             return f"{name} is not in the checkpoint"

@@ -189,8 +189,14 @@ def test_changed_model_size_stops_and_leaves_checkpoints_untouched(tmp_path):
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     wider = tiny_config(train__num_iterations=3, checkpoint__every=2)
     wider.model.builtin.hidden_size = 64
-    with pytest.raises(CheckpointMismatch, match=r"backbone/embed is float32\[\d+, 32\] there and float32\[\d+, 64\]"):
+    with pytest.raises(CheckpointMismatch, match=r"\(params/policy/backbone/embed is float32\[\d+, 32\] there and "
+                                                 r"float32\[\d+, 64\] here\)"):
         train(wider, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    result = _cli(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.model.builtin.hidden_size=64",
+                   "--config.logging.progress=False"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "was written by a run with another model or state layout" in result.stderr
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
     config.train.num_iterations = 3
     _, state, history = train(config, str(tmp_path))  # the config that wrote it resumes it
