@@ -194,6 +194,8 @@ def _main(argv):
 
 
 def run():
+    from rlhf_jax.runtime import cpu_only_without_accelerators
+    cpu_only_without_accelerators()
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -1,4 +1,4 @@
-"""Process setup for CPU runs that has to happen before anything allocates."""
+"""Process setup of the command-line entry points, before jax is imported and anything allocates."""
 
 from __future__ import annotations
 
@@ -8,6 +8,24 @@ import sys
 
 _TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+# Device nodes of the accelerators JAX can use: TPU (v4/v5e: accel, v5p/v6e: vfio), NVIDIA and AMD GPUs.
+_ACCELERATOR_NODES = ("accel", "vfio", "nvidia", "kfd")
+
+
+def cpu_only_without_accelerators(environ=os.environ, dev: str = "/dev") -> None:
+    """Set JAX_PLATFORMS=cpu in `environ` when this machine has no accelerator device at all.
+
+    With libtpu installed (the tpu and test extras) but no TPU chip, JAX's first call tries the TPU
+    and prints a dozen lines of libtpu errors before it falls back to the CPU. Where no accelerator
+    device node exists, the CPU is all JAX could use, so saying so changes nothing else. Leaves a
+    JAX_PLATFORMS the user chose alone.
+    """
+    if "JAX_PLATFORMS" in environ or not os.path.isdir(dev):
+        return
+    if not any(name.startswith(_ACCELERATOR_NODES) for name in os.listdir(dev)):
+        environ["JAX_PLATFORMS"] = "cpu"
 
 
 def use_huge_pages() -> None:
@@ -22,6 +40,7 @@ def use_huge_pages() -> None:
     GLIBC_TUNABLES already chooses, or with RLHF_JAX_HUGE_PAGES=0. It replaces the running
     program, so only command-line entry points call it, first thing.
     """
+    cpu_only_without_accelerators()  # every entry point calls this first thing, before jax is imported
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (os.environ.get("RLHF_JAX_HUGE_PAGES", "1") == "0" or sys.platform != "linux"
             or "glibc.malloc.hugetlb" in tunables or platform.libc_ver()[0] != "glibc"):

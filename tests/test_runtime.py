@@ -36,3 +36,20 @@ def test_opting_out_or_choosing_already_leaves_the_process_alone():
         lines = _run(**env)
         assert lines[0] == "start" and not lines[1].startswith("start")  # not restarted
         assert lines[1].split(" ")[1] == env.get("GLIBC_TUNABLES", "")
+
+
+def test_cpu_only_where_no_accelerator_device_exists(tmp_path):
+    from rlhf_jax.runtime import cpu_only_without_accelerators
+    (tmp_path / "null").touch()
+    env = {}
+    cpu_only_without_accelerators(env, dev=str(tmp_path))
+    assert env == {"JAX_PLATFORMS": "cpu"}
+    env = {"JAX_PLATFORMS": "tpu"}
+    cpu_only_without_accelerators(env, dev=str(tmp_path))
+    assert env == {"JAX_PLATFORMS": "tpu"}  # the user's choice stands
+    for node in ("accel0", "nvidia0"):
+        (tmp_path / node).touch()
+        env = {}
+        cpu_only_without_accelerators(env, dev=str(tmp_path))
+        assert env == {}
+        (tmp_path / node).unlink()
