@@ -56,6 +56,9 @@ def builtin_model_config(config, vocab_size: int) -> ModelConfig:
     """The ModelConfig of `config.model.builtin` (a random architecture of the given family); its
     vocabulary is `vocab_size` (the tokenizer's) unless the config sets one."""
     b = config.model.builtin
+    if b.vocab_size and b.vocab_size < vocab_size:
+        raise ConfigError(f"config.model.builtin.vocab_size = {b.vocab_size} is smaller than the tokenizer's "
+                          f"{vocab_size} tokens")
     heads = b.num_heads
     kw = dict(family=b.family, vocab_size=b.vocab_size or vocab_size, hidden_size=b.hidden_size,
               num_layers=b.num_layers, num_heads=heads, num_kv_heads=b.num_kv_heads or heads,

@@ -125,6 +125,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     ("--config.ppo.num_mini_batches=3", "does not divide into config.ppo.num_mini_batches = 3"),
     ("--config.sampling.max_new_tokens=100", "exceeds the model's 32 positions"),
     ("--config.ppo.kl_estimator=k4", "config.ppo.kl_estimator = 'k4'"),
+    ("--config.model.builtin.vocab_size=10", "vocab_size = 10 is smaller than the tokenizer's"),
+    ("--config.model.logits_chunk=3", "config.model.logits_chunk = 3 does not divide"),
 ])
 def test_config_errors_through_the_command_line(tmp_path, override, message):
     result = _cli(["--config=configs/tiny.py", f"--workdir={tmp_path}", override])
