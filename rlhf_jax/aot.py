@@ -63,6 +63,7 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     """
     shared = config.model.value_model == "shared"
     lora = bool(config.lora.enabled)
+    base_cfg = model_cfg.replace(lora_rank=0, lora_targets=())  # the reference, value and reward models
 
     def build_policy():
         policy = CausalLM(model_cfg, rngs=nnx.Rngs(0), value_head=shared)
@@ -76,7 +77,6 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     policy_params = nnx.merge_state(trainable, frozen)
     if lora:
         # The reference is the base with the adapters off: the frozen buffers under a graph without adapters.
-        base_cfg = model_cfg.replace(lora_rank=0, lora_targets=())
         ref_graphdef, ref_params = nnx.split(nnx.eval_shape(lambda: CausalLM(base_cfg, rngs=nnx.Rngs(0))))
         ref_params = _sharded_params(ref_params, mesh)
         ref_copy = None
@@ -88,12 +88,12 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     value_graphdef = None
     if not shared:
         value_graphdef, value_params = nnx.split(nnx.eval_shape(
-            lambda: ScalarModel(model_cfg.replace(lora_rank=0, lora_targets=()), rngs=nnx.Rngs(0))))
+            lambda: ScalarModel(base_cfg, rngs=nnx.Rngs(0))))
         params["value"] = _sharded_params(value_params, mesh)
     reward_graphdef = reward_params = None
     if config.reward.kind == "model":
         reward_graphdef, reward_params = nnx.split(nnx.eval_shape(
-            lambda: ScalarModel(reward_cfg or model_cfg.replace(lora_rank=0, lora_targets=()), rngs=nnx.Rngs(0))))
+            lambda: ScalarModel(reward_cfg or base_cfg, rngs=nnx.Rngs(0))))
         reward_params = _sharded_params(reward_params, mesh)
 
     optimizer = make_optimizer(config)

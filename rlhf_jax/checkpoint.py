@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.sharding import path_keys
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,7 @@ def describe(tree) -> dict[tuple, tuple]:
     """{path of names: (shape, dtype)} of a state, an abstract state or Orbax's metadata of one."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-        if names and names[-1] == "value":  # an nnx Variable's own level
-            names = names[:-1]
-        out[names] = (tuple(leaf.shape), str(jnp.dtype(leaf.dtype)))
+        out[tuple(str(k) for k in path_keys(path))] = (tuple(leaf.shape), str(jnp.dtype(leaf.dtype)))
     return out
 
 

@@ -82,7 +82,8 @@ def spec_for(path: tuple, shape: tuple, mesh: Mesh) -> P:
     return P(*([None] * len(shape)))  # norms and anything small: replicated
 
 
-def _path_keys(path) -> tuple:
+def path_keys(path) -> tuple:
+    """A jax tree path as plain keys (dict keys, attribute names, indices), ending at the param's name."""
     keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
     # An nnx Variable flattens to its value: drop that last step so the path ends at the param's name.
     return keys[:-1] if keys and keys[-1] == "value" else keys
@@ -91,7 +92,7 @@ def _path_keys(path) -> tuple:
 def param_shardings(params, mesh: Mesh):
     """A NamedSharding for every leaf of a params tree (an nnx.State or a dict of them)."""
     def one(path, leaf):
-        return NamedSharding(mesh, spec_for(_path_keys(path), np.shape(leaf), mesh))
+        return NamedSharding(mesh, spec_for(path_keys(path), np.shape(leaf), mesh))
     return jax.tree_util.tree_map_with_path(one, params)
 
 
@@ -125,7 +126,7 @@ def state_shardings(state, mesh: Mesh):
         shape = np.shape(leaf)
         if len(shape) == 0:
             return replicated(mesh)
-        keys = _path_keys(path)
+        keys = path_keys(path)
         # Optimizer moments mirror the params' tree below the optimizer's own nesting: find the
         # first key of a model path and apply the rule from there.
         for start, key in enumerate(keys):
