@@ -103,17 +103,16 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     batch, prompt_len = config.train.rollout_batch_size, config.data.max_prompt_len
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=batch_sharding(mesh, 2))
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh))
-    rollout_fn = make_rollout(config, policy_graphdef=policy_graphdef, ref_graphdef=ref_graphdef,
-                              value_graphdef=value_graphdef, reward_graphdef=reward_graphdef, eos_ids=eos_ids,
-                              pad_id=pad_id, mesh=mesh)
-    rollout_args = (policy_params, ref_params, prompt, prompt, key)
-    rollout_kwargs = dict(value_params=params.get("value"), reward_params=reward_params)
+    rollout_fn = make_rollout(config, policy_graphdef=policy_graphdef, reward_graphdef=reward_graphdef,
+                              eos_ids=eos_ids, pad_id=pad_id, mesh=mesh)
+    rollout_args = (nnx.merge_state(state.params["policy"], frozen), prompt, prompt, key)
+    rollout_kwargs = dict(reward_params=reward_params)
     rollout = jax.eval_shape(rollout_fn, *rollout_args, **rollout_kwargs)
     rollout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.ndim)),
                            rollout)
     scores = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=batch_sharding(mesh, 1))
-    update_fn = make_ppo_update(config, policy_graphdef=policy_graphdef, value_graphdef=value_graphdef,
-                                eos_ids=eos_ids, optimizer=optimizer, mesh=mesh)
+    update_fn = make_ppo_update(config, policy_graphdef=policy_graphdef, ref_graphdef=ref_graphdef,
+                                value_graphdef=value_graphdef, eos_ids=eos_ids, optimizer=optimizer, mesh=mesh)
     resident = {"state": state, "frozen": frozen, "reference": ref_copy, "reward": reward_params}
-    return AbstractIteration(rollout_fn, update_fn, rollout_args, rollout_kwargs, (state, rollout, scores, frozen),
-                             resident)
+    return AbstractIteration(rollout_fn, update_fn, rollout_args, rollout_kwargs,
+                             (state, rollout, scores, frozen, ref_params), resident)

@@ -68,7 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
         adaptive_kl=False, kl_target=6.0, kl_horizon=10000.0,
         cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, ent_coef=0.0,
         gamma=1.0, lam=0.95, num_ppo_epochs=4, num_mini_batches=1,
-        whiten_rewards=False, whiten_advantages=True, missing_eos_penalty=0.0, loss_aggregation="token"))
+        whiten_rewards=False, whiten_advantages=True, missing_eos_penalty=0.0, loss_aggregation="token",
+        # PPO's old log-probs: "recompute" (the training forward, exactly the reference's program),
+        # "sampler" (as sampled: saves a forward, differs by rounding below float32), "auto": recompute
+        # unless model.dtype is float32.
+        old_logprobs="auto",
+        # Importance weights pi_trainer / pi_sampler on the policy loss (see ppo.sampler_weights):
+        # "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"; cap C > 1.
+        sampler_correction="none", sampler_correction_cap=3.0))
 
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, schedule="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
@@ -124,6 +131,12 @@ def validate(config, num_devices: int = 1) -> None:
     _choice(config, "ppo.kl_estimator", ESTIMATORS)
     _choice(config, "ppo.kl_loss_estimator", ESTIMATORS)
     _choice(config, "ppo.loss_aggregation", ("token", "sequence"))
+    _choice(config, "ppo.old_logprobs", ("auto", "recompute", "sampler"))
+    from rlhf_jax.ppo import SAMPLER_CORRECTIONS
+    _choice(config, "ppo.sampler_correction", SAMPLER_CORRECTIONS)
+    if not config.ppo.sampler_correction_cap > 1:
+        raise ConfigError(f"config.ppo.sampler_correction_cap = {config.ppo.sampler_correction_cap}: must be > 1 "
+                          "(the weights are kept within [1/cap, cap])")
     _choice(config, "optim.schedule", ("constant", "linear", "cosine"))
     _choice(config, "train.on_nonfinite", ("stop", "skip"))
     for key in ("train.rollout_batch_size", "train.num_iterations", "ppo.num_ppo_epochs", "ppo.num_mini_batches",

@@ -133,11 +133,11 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
     model_cfg = _model_config(config)
     validate_lengths(config, model_cfg.max_position_embeddings)
     step = abstract_iteration(config, model_cfg, mesh)
-    _, rollout, scores, _ = step.update_args
+    _, rollout, scores, _, _ = step.update_args
     resident = per_device_bytes(step.resident)
     functions = {}
     if "rollout" in only:
-        functions["rollout"] = compile_report(step.lower_rollout, resident, per_device_bytes(step.rollout_args[2:]),
+        functions["rollout"] = compile_report(step.lower_rollout, resident, per_device_bytes(step.rollout_args[1:]),
                                               hbm)
     if "update" in only:
         functions["update"] = compile_report(step.lower_update, resident, per_device_bytes((rollout, scores)), hbm)

@@ -18,6 +18,7 @@ from rlhf_jax.kl import get_estimator
 from rlhf_jax.ops import chunked_token_stats, entropy_from_logits, masked_mean, masked_var, token_logprobs
 
 AGGREGATIONS = ("token", "sequence")
+SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def aggregate(per_token, mask, mode: str = "token"):
@@ -35,10 +36,12 @@ def aggregate(per_token, mask, mode: str = "token"):
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, aggregation: str = "token"):
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, aggregation: str = "token",
+                weights=None):
     """The clipped surrogate: mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
 
     logprobs (new), old_logprobs (at rollout), advantages, mask: [batch, response_len].
+    weights: per-token factors on the surrogate (the sampler correction's importance weights), or None.
     Returns (loss, stats) with stats clipfrac, approxkl (0.5 * mean log-ratio^2), ratio, ratio_var.
     """
     chex.assert_equal_shape([logprobs, old_logprobs, advantages, mask])
@@ -47,7 +50,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, aggr
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = aggregate(jnp.maximum(unclipped, clipped), mask, aggregation)
+    surrogate = jnp.maximum(unclipped, clipped)
+    loss = aggregate(surrogate if weights is None else weights * surrogate, mask, aggregation)
     stats = {
         "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
         "approxkl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
@@ -80,6 +84,42 @@ def kl_penalty_loss(logprobs, ref_logprobs, mask, estimator: str = "k3", aggrega
     return aggregate(get_estimator(estimator)(logprobs, ref_logprobs), mask, aggregation)
 
 
+def sampler_weights(trainer_logprobs, sampler_logprobs, mask, mode: str = "none", cap: float = 3.0):
+    """Importance weights w = pi_trainer / pi_sampler for the policy loss, and their metrics.
+
+    The samples come from the sampler's distribution, while the PPO "old" log-probs come from the
+    training forward (they differ by rounding in bf16: the decode loop and the full-sequence forward
+    add up in different orders). mode "token_truncate": min(w, cap) per token; "token_mask": w where
+    1/cap <= w <= cap, else 0; "sequence_*": the same with each row's w = exp(mean log-ratio over its
+    tokens); "none": no weights (returns None). Masked tokens keep their place in the loss's
+    denominator. Metrics (TRL's names) describe the raw per-token w over the response tokens.
+    """
+    if mode not in SAMPLER_CORRECTIONS:
+        raise ValueError(f"unknown sampler correction {mode!r}; choose one of {SAMPLER_CORRECTIONS}")
+    mask = mask.astype(bool)
+    log_w = jnp.where(mask, trainer_logprobs - sampler_logprobs, 0.0)
+    w = jnp.exp(log_w)
+    any_token = mask.any()
+    metrics = {
+        "sampling/sampling_logp_difference/mean": masked_mean(jnp.abs(log_w), mask),
+        "sampling/sampling_logp_difference/max": jnp.max(jnp.abs(log_w)),
+        "sampling/importance_sampling_ratio/min": jnp.where(any_token, jnp.min(jnp.where(mask, w, jnp.inf)), 1.0),
+        "sampling/importance_sampling_ratio/mean": masked_mean(w, mask),
+        "sampling/importance_sampling_ratio/max": jnp.where(any_token, jnp.max(jnp.where(mask, w, -jnp.inf)), 1.0),
+    }
+    if mode == "none":
+        return None, metrics
+    if mode.startswith("sequence"):
+        w = jnp.broadcast_to(jnp.exp(masked_mean(log_w, mask, axis=-1))[:, None], w.shape)
+    if mode.endswith("truncate"):
+        weights = jnp.minimum(w, cap)
+    else:
+        weights = jnp.where((w >= 1.0 / cap) & (w <= cap), w, 0.0)
+    metrics["sampling/masked_frac" if mode.endswith("mask") else "sampling/truncated_frac"] = masked_mean(
+        (weights != w).astype(jnp.float32), mask)
+    return jax.lax.stop_gradient(jnp.where(mask, weights, 0.0)), metrics
+
+
 def rollout_metrics(scores, kl, non_score_rewards, logprobs, mask):
     """The `objective/*` metrics of one rollout (TRL's definitions: sums over tokens, means over rows).
 
@@ -96,6 +136,13 @@ def rollout_metrics(scores, kl, non_score_rewards, logprobs, mask):
         "objective/rlhf_reward": scores.mean() + non_score,
         "objective/scores": scores.mean(),
     }
+
+
+def minibatch_orders(key, batch_size: int, num_epochs: int, num_minibatches: int):
+    """The rows of every minibatch `ppo_update` takes with `key`: int32[epochs, minibatches, rows],
+    a fresh permutation each epoch."""
+    permute = lambda k: jax.random.permutation(k, batch_size).reshape(num_minibatches, -1)
+    return jax.vmap(permute)(jax.random.split(key, num_epochs))
 
 
 def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
@@ -145,15 +192,26 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
         stats = dict(stats, loss=loss, grad_norm=grad_norm, nonfinite_steps=(~finite).astype(jnp.float32))
         return (params, opt_state), stats
 
-    def epoch_step(carry, epoch_key):
-        order = jax.random.permutation(epoch_key, batch_size).reshape(num_minibatches, mb_size)
-        return jax.lax.scan(minibatch_step, carry, order)
-
-    keys = jax.random.split(key, num_epochs)
-    (params, opt_state), stats = jax.lax.scan(epoch_step, (params, opt_state), keys)
+    orders = minibatch_orders(key, batch_size, num_epochs, num_minibatches)
+    epoch_step = lambda carry, order: jax.lax.scan(minibatch_step, carry, order)
+    (params, opt_state), stats = jax.lax.scan(epoch_step, (params, opt_state), orders)
     stats = jax.tree.map(jnp.mean, stats)
     stats["nonfinite_steps"] = stats["nonfinite_steps"] * num_epochs * num_minibatches
     return params, opt_state, stats
+
+
+def lm_token_stats(outputs, tokens, *, temperature: float, head: Callable | None = None, logits_chunk: int = 0):
+    """(log-probs of `tokens`, entropies): f32[b, n] each, from a forward's outputs at the positions
+    that predict them: logits f[b, n, vocab] (`head` None), or hidden states f[b, n, d] that
+    `head(hidden) -> logits` turns into logits (`logits_chunk` > 0: that many positions at a time).
+    The logits are divided by the sampling temperature, exactly as the sampler did. The PPO loss and
+    the update's scoring pass (old, reference log-probs) both go through here, so that on equal
+    params and rows they agree bit for bit.
+    """
+    if head is not None and logits_chunk:
+        return chunked_token_stats(outputs, lambda hidden: head(hidden) / temperature, tokens, logits_chunk)
+    logits = (outputs if head is None else head(outputs)) / temperature
+    return token_logprobs(logits, tokens), entropy_from_logits(logits)
 
 
 def lm_ppo_loss(forward: Callable, *, temperature: float, cliprange: float, cliprange_value: float,
@@ -172,19 +230,18 @@ def lm_ppo_loss(forward: Callable, *, temperature: float, cliprange: float, clip
     the whole [b, response_len, vocab] logits in memory.
 
     The minibatch holds response_ids, response_mask, logprobs (old), values (old),
-    advantages, returns, and ref_logprobs when kl_loss_coef > 0.
+    advantages, returns, ref_logprobs when kl_loss_coef > 0, and optionally sampler_weights
+    (per-token factors on the policy loss, see `sampler_weights`).
     """
 
     def loss_fn(params, mb: dict[str, Any]):
         outputs, values = forward(params, mb)
         mask = mb["response_mask"].astype(bool)
-        if head is not None and logits_chunk:
-            scaled_head = lambda hidden: head(params, hidden) / temperature
-            logprobs, token_entropy = chunked_token_stats(outputs, scaled_head, mb["response_ids"], logits_chunk)
-        else:
-            logits = outputs / temperature if head is None else head(params, outputs) / temperature
-            logprobs, token_entropy = token_logprobs(logits, mb["response_ids"]), entropy_from_logits(logits)
-        pg_loss, pg = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cliprange, aggregation)
+        logprobs, token_entropy = lm_token_stats(
+            outputs, mb["response_ids"], temperature=temperature,
+            head=None if head is None else (lambda hidden: head(params, hidden)), logits_chunk=logits_chunk)
+        pg_loss, pg = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cliprange, aggregation,
+                                  mb.get("sampler_weights"))
         vf_loss, vf = value_loss(values, mb["values"], mb["returns"], mask, cliprange_value, aggregation)
         entropy = masked_mean(token_entropy, mask)
         loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy

@@ -1,9 +1,12 @@
-"""One rollout as a pure jitted function: sample from the policy, then score the samples with the
-reference (and a separate value model, and a learned reward model) in the same program.
+"""One rollout as a pure jitted function: sample from the policy (and score the samples with a
+learned reward model in the same program).
 
-    rollout = make_rollout(config, policy_graphdef=..., ref_graphdef=..., eos_ids=(eos,), pad_id=pad)
-    batch = rollout(policy_params, ref_params, prompt_ids, prompt_mask, key)   # -> Rollout
+    rollout = make_rollout(config, policy_graphdef=..., eos_ids=(eos,), pad_id=pad)
+    batch = rollout(policy_params, prompt_ids, prompt_mask, key)   # -> Rollout
 
+The reference's log-probs (and the policy's own, and a separate value model's values) are not taken
+here but by the update, through the very forward its loss uses (`rlhf_jax.update`): log-probs from
+the decode loop round differently from the full-sequence forward in bf16.
 The factory needs the config, graphdefs and the mesh only (no weights), so the function can be
 compiled ahead of time from shapes (`rollout.lower(abstract args).compile()`).
 """
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.ops import chunked_token_stats, token_logprobs
 from rlhf_jax.sampling import generate
 from rlhf_jax.sharding import batch_sharding
@@ -28,9 +32,8 @@ class Rollout:
 
     prompt_ids, prompt_mask: int32[b, prompt_len] (left-padded);
     response_ids, response_mask: int32[b, response_len] (pad and 0 after EOS);
-    logprobs: f32[b, response_len], the sampled tokens' log-probs under the sampling distribution;
-    ref_logprobs: f32[b, response_len], the same tokens under the reference (same temperature);
-    values: f32[b, response_len], the value head's (or value model's) estimates;
+    logprobs: f32[b, response_len], the sampled tokens' log-probs as the sampler computed them;
+    values: f32[b, response_len], the policy's value head as sampled, or None (a separate value model);
     lengths: int32[b], response tokens per row (EOS included);
     scores: f32[b] from a learned reward model, or None (a Python reward is scored on the host).
     """
@@ -40,8 +43,7 @@ class Rollout:
     response_ids: jax.Array
     response_mask: jax.Array
     logprobs: jax.Array
-    ref_logprobs: jax.Array
-    values: jax.Array
+    values: jax.Array | None
     lengths: jax.Array
     scores: jax.Array | None = None
 
@@ -75,43 +77,37 @@ def sequence_values(graphdef, params, ids, mask, response_len: int, **backbone_o
     return nnx.merge(graphdef, params)(ids, mask, positions, **backbone_options)
 
 
-def make_rollout(config, *, policy_graphdef, ref_graphdef, value_graphdef=None, reward_graphdef=None,
-                 eos_ids: Sequence[int] = (), pad_id: int = 0, mesh=None):
-    """The jitted rollout of a run: `rollout(policy_params, ref_params, prompt_ids, prompt_mask, key,
-    value_params=None, reward_params=None) -> Rollout`.
+def make_rollout(config, *, policy_graphdef, reward_graphdef=None, eos_ids: Sequence[int] = (), pad_id: int = 0,
+                 mesh=None):
+    """The jitted rollout of a run: `rollout(policy_params, prompt_ids, prompt_mask, key, reward_params=None)
+    -> Rollout`.
 
-    Reads `config.sampling` (max_new_tokens, temperature, top_k, top_p) and `config.model`'s
-    logits_chunk; the layout of the activations is left to XLA. With `value_graphdef` the
-    values come from that separate value model; without it from the policy's value head, as sampled
-    (no extra forward). With `reward_graphdef` the Rollout carries the reward model's scores.
+    Reads `config.sampling` (max_new_tokens, temperature, top_k, top_p) and `config.model.param_dtype`
+    (float params, such as f32 master weights, are cast to it: the forward sees what the update's
+    forward sees); the layout of the activations is left to XLA. With `config.model.value_model = "shared"` the
+    policy's value head comes along as sampled. With `reward_graphdef` the Rollout carries the reward model's scores.
     `eos_ids` end a row (empty: every row runs to max_new_tokens); `pad_id` fills the rest.
     On a `mesh`, the outputs are sharded over the batch axes.
     """
     s = config.sampling
-    temperature = s.temperature
+    param_dtype = jnp.dtype(config.model.param_dtype)
     # No activation constraints here: pinned to the batch axes, XLA gathered every layer's weights at
     # once (the 8B LoRA rollout on v5e:2x2 needed 17.9 GiB per chip; left to XLA, 10.2).
-    gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=temperature, top_k=s.top_k, top_p=s.top_p,
+    gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                       eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                       transposed_kernels=None if mesh is None else mesh.devices.flat[0].platform == "cpu")
-    shared_value = value_graphdef is None
+    with_values = config.model.value_model == "shared"
 
-    def rollout(policy_params, ref_params, prompt_ids, prompt_mask, key, value_params=None, reward_params=None):
-        out = generate(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, with_values=shared_value,
-                       **gen_kwargs)
-        ids, mask = join(prompt_ids, prompt_mask, out["response_ids"], out["response_mask"])
-        ref_logprobs = sequence_logprobs(ref_graphdef, ref_params, ids, mask, out["response_ids"], temperature,
-                                         config.model.logits_chunk)
-        if shared_value:
-            values = out["values"]
-        else:
-            values = sequence_values(value_graphdef, value_params, ids, mask, s.max_new_tokens)
+    def rollout(policy_params, prompt_ids, prompt_mask, key, reward_params=None):
+        out = generate(policy_graphdef, cast_floats(policy_params, param_dtype), prompt_ids, prompt_mask, key,
+                       with_values=with_values, **gen_kwargs)
         scores = None
         if reward_graphdef is not None:
+            ids, mask = join(prompt_ids, prompt_mask, out["response_ids"], out["response_mask"])
             scores = nnx.merge(reward_graphdef, reward_params).sequence_scores(ids, mask)
         result = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out["response_ids"],
-                         response_mask=out["response_mask"], logprobs=out["logprobs"], ref_logprobs=ref_logprobs,
-                         values=values, lengths=out["lengths"], scores=scores)
+                         response_mask=out["response_mask"], logprobs=out["logprobs"], values=out.get("values"),
+                         lengths=out["lengths"], scores=scores)
         if mesh is None:
             return result
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim)), result)

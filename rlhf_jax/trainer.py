@@ -1,10 +1,11 @@
 """The PPO trainer: a host loop over two pure jitted functions built from the config.
 
 One iteration:
-  1. `rollout` (rlhf_jax.rollout): sample from the policy and score the samples with the reference
-     (and a separate value model, and a learned reward model) in one jitted call;
+  1. `rollout` (rlhf_jax.rollout): sample from the policy (and score the samples with a learned
+     reward model) in one jitted call;
   2. host: decode and call the Python reward function (skipped for a reward model);
-  3. `update` (rlhf_jax.update): KL-shaped rewards, GAE, whitening, the PPO epochs, the KL controller.
+  3. `update` (rlhf_jax.update): the reference's (and the policy's own) log-probs through the
+     training forward, KL-shaped rewards, GAE, whitening, the PPO epochs, the KL controller.
 The trainer holds what is not train state (tokenizer, prompts, frozen weights) and does the host
 work: data order, the Python reward, metrics and samples. The train state is a pytree with
 everything a resumed run needs to continue exactly.
@@ -26,6 +27,7 @@ from rlhf_jax.config import validate, validate_lengths
 from rlhf_jax.data import PromptIterator
 from rlhf_jax.loading import load_callable, load_models, load_prompts, load_tokenizer
 from rlhf_jax.models.lora import save_adapters
+from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.rollout import join, make_rollout, sequence_logprobs
 from rlhf_jax.sampling import generate
 from rlhf_jax.sharding import BATCH_AXES, batch_sharding, make_mesh, replicated, state_shardings
@@ -71,7 +73,7 @@ class PPOTrainer:
                                        jax.process_index(), jax.process_count())
         self.optimizer = make_optimizer(config)
         self.rollout_fn = self.make_rollout_fn(self.eos_ids)
-        self.update_fn = make_ppo_update(config, policy_graphdef=self.policy_graphdef,
+        self.update_fn = make_ppo_update(config, policy_graphdef=self.policy_graphdef, ref_graphdef=self.ref_graphdef,
                                          value_graphdef=self.value_graphdef, eos_ids=self.eos_ids,
                                          optimizer=self.optimizer, mesh=self.mesh)
         self._reference_logprobs = jax.jit(sequence_logprobs, static_argnames=("graphdef", "temperature"))
@@ -84,9 +86,8 @@ class PPOTrainer:
 
     def make_rollout_fn(self, eos_ids):
         """The run's rollout function, stopping rows at `eos_ids` (empty: never)."""
-        return make_rollout(self.config, policy_graphdef=self.policy_graphdef, ref_graphdef=self.ref_graphdef,
-                            value_graphdef=self.value_graphdef, reward_graphdef=self.rm_graphdef, eos_ids=eos_ids,
-                            pad_id=self.pad_id, mesh=self.mesh)
+        return make_rollout(self.config, policy_graphdef=self.policy_graphdef, reward_graphdef=self.rm_graphdef,
+                            eos_ids=eos_ids, pad_id=self.pad_id, mesh=self.mesh)
 
     # ---------------------------------------------------------------- state and batches
     def init_state(self) -> TrainState:
@@ -124,6 +125,7 @@ class PPOTrainer:
         graphdef = graphdef or self.policy_graphdef
         s = self.config.sampling
         with_values = self.shared_value and graphdef is self.policy_graphdef
+        params = cast_floats(params, jnp.dtype(self.config.model.param_dtype))  # as the rollout sees master weights
         return generate(graphdef, params, prompt_ids, prompt_mask, key, with_values=with_values,
                         max_new_tokens=s.max_new_tokens, temperature=s.temperature, eos_ids=self.eos_ids,
                         pad_id=self.pad_id)
@@ -191,8 +193,7 @@ class PPOTrainer:
         index = self.iterator.next()
         prompt_ids = self.to_device_batch(self.prompt_ids[index])
         prompt_mask = self.to_device_batch(self.prompt_mask[index])
-        rollout = self.rollout_fn(self.policy_params(state), self.ref_params, prompt_ids, prompt_mask,
-                                  jax.random.fold_in(state.key, 1), value_params=state.params.get("value"),
+        rollout = self.rollout_fn(self.policy_params(state), prompt_ids, prompt_mask, jax.random.fold_in(state.key, 1),
                                   reward_params=self.rm_params)
         jax.block_until_ready(rollout)
         timings["time/rollout"] = time.perf_counter() - t0
@@ -214,7 +215,7 @@ class PPOTrainer:
         timings["time/reward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        state, metrics = self.update_fn(state, rollout, device_scores, self.frozen)
+        state, metrics = self.update_fn(state, rollout, device_scores, self.frozen, self.ref_params)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         timings["time/update"] = time.perf_counter() - t0
 
@@ -234,7 +235,9 @@ class PPOTrainer:
         metrics["speed/generated_tokens_per_s"] = int(lengths.sum()) / max(timings["time/rollout"], 1e-9)
         samples = []
         if want_samples:
-            kl_rows = self.local_rows(_row_kl(rollout.logprobs, rollout.ref_logprobs, rollout.response_mask))
+            kl_rows = self.kl_to_reference(prompt_ids, prompt_mask, {"response_ids": rollout.response_ids,
+                                                                      "response_mask": rollout.response_mask,
+                                                                      "logprobs": rollout.logprobs})
             for i in range(min(c.logging.num_samples, len(prompts))):
                 samples.append({"prompt": prompts[i], "response": responses[i], "score": float(scores[i]),
                                 "kl": float(kl_rows[i])})

@@ -2,10 +2,11 @@
 
     update = make_ppo_update(config, policy_graphdef=graphdef, eos_ids=(eos,))
     state = init_train_state(config, {"policy": params}, make_optimizer(config))
-    state, metrics = update(state, rollout, scores)
+    state, metrics = update(state, rollout, scores, reference=ref_params)
 
-`update` does KL-shaped rewards, GAE, whitening, the PPO epochs x minibatches and the KL
-controller step. Everything it reads is an argument or in the state (the reward normalisation's
+`update` scores the rollout with the training forward (the reference's log-probs, and the policy's
+own where they serve as PPO's old log-probs), then does KL-shaped rewards, GAE, whitening, the PPO
+epochs x minibatches and the KL controller step. Everything it reads is an argument or in the state (the reward normalisation's
 statistics too), and the factory needs the config, graphdefs and the mesh only, so the update can
 be compiled ahead of time from shapes.
 """
@@ -22,8 +23,9 @@ from flax import nnx
 
 from rlhf_jax import advantages as adv_lib
 from rlhf_jax import kl as kl_lib
-from rlhf_jax.ppo import lm_ppo_loss, ppo_update, rollout_metrics
-from rlhf_jax.rollout import Rollout, response_positions, sequence_values
+from rlhf_jax.models.tree import as_master, cast_floats
+from rlhf_jax.ppo import lm_ppo_loss, lm_token_stats, minibatch_orders, ppo_update, rollout_metrics, sampler_weights
+from rlhf_jax.rollout import Rollout, join, response_positions, sequence_values
 from rlhf_jax.sharding import batch_constraint, replicated, state_shardings
 
 
@@ -63,10 +65,13 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def init_train_state(config, params, optimizer: optax.GradientTransformation, score_stats=None) -> TrainState:
     """The state at iteration 0 (pure: works under `jax.eval_shape` and `jax.jit`).
 
-    params: {"policy": trainable params} plus {"value": ...} for a separate value model;
+    params: {"policy": trainable params} plus {"value": ...} for a separate value model; the state
+    keeps them in float32 (master weights: a bf16 weight would drop every update below half its ulp,
+    as RLHF learning rates make most of them), and the forward passes cast them to `model.param_dtype`;
     score_stats: f32[3] (count, mean, M2) of the reference policy's scores for reward.normalize = "reference".
     """
     p = config.ppo
+    params = as_master(params)
     if p.adaptive_kl:
         kl = kl_lib.adaptive_kl_controller(p.kl_coef, p.kl_target, p.kl_horizon)
     else:
@@ -108,79 +113,170 @@ def normalize_scores(scores, stats, mode: str):
     return scores, stats
 
 
-def make_ppo_update(config, *, policy_graphdef, value_graphdef=None, eos_ids: Sequence[int] = (),
-                    optimizer: optax.GradientTransformation | None = None, mesh=None):
-    """The jitted PPO update: `update(state, rollout, scores, frozen=None) -> (state, metrics)`.
+def resolve_old_logprobs(config) -> str:
+    """`config.ppo.old_logprobs` with "auto" resolved: "recompute" unless the model computes in float32."""
+    mode = config.ppo.old_logprobs
+    if mode == "auto":
+        return "sampler" if config.model.dtype == "float32" else "recompute"
+    return mode
 
-    Reads `config.ppo`, `config.reward` (scale, bias, normalize), `config.sampling.temperature` and the
-    memory levers of `config.model` (remat, logits_chunk, shard_activations).
+
+class _Forward:
+    """The training forward of a run's policy (and reference, and value model), shared by the loss and
+    the scoring pass so that both are one program: on equal params and rows, equal bits."""
+
+    def __init__(self, config, policy_graphdef, ref_graphdef, value_graphdef, mesh):
+        m = config.model
+        self.policy_graphdef, self.ref_graphdef, self.value_graphdef = policy_graphdef, ref_graphdef, value_graphdef
+        self.param_dtype = jnp.dtype(m.param_dtype)
+        self.temperature, self.logits_chunk = config.sampling.temperature, m.logits_chunk
+        self.shard_batch = batch_constraint(mesh) if mesh is not None and m.shard_activations else None
+        self.backbone_options = dict(remat=m.remat, constrain=self.shard_batch)
+
+    def hidden(self, model, mb):
+        """The backbone's hidden states at the positions that predict each response token."""
+        ids, mask = join(mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
+        prompt_len, response_len = mb["prompt_ids"].shape[1], mb["response_ids"].shape[1]
+        hidden, _ = model.backbone(ids, mask, output_index=response_positions(prompt_len, response_len),
+                                   **self.backbone_options)
+        return hidden
+
+    def policy(self, params, frozen):
+        trainable = cast_floats(params["policy"], self.param_dtype)  # the forward sees the params' storage dtype
+        return nnx.merge(self.policy_graphdef, *((trainable,) if frozen is None else (trainable, frozen)))
+
+    def forward(self, frozen):
+        """`forward(params, minibatch) -> (hidden states, values)` for `lm_ppo_loss`."""
+        def forward(params, mb):
+            model = self.policy(params, frozen)
+            hidden = self.hidden(model, mb)
+            if self.value_graphdef is None:
+                return hidden, model.values(hidden)
+            ids, mask = join(mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
+            return hidden, sequence_values(self.value_graphdef, cast_floats(params["value"], self.param_dtype), ids,
+                                           mask, mb["response_ids"].shape[1], **self.backbone_options)
+        return forward
+
+    def head(self, frozen):
+        return lambda params, hidden: self.policy(params, frozen).logits(hidden)
+
+    def logprobs(self, hidden, tokens, head):
+        return lm_token_stats(hidden, tokens, temperature=self.temperature, head=head,
+                              logits_chunk=self.logits_chunk)[0]
+
+    def score(self, params, frozen, reference, batch, order, *, policy: bool, values: bool):
+        """The reference's log-probs ("ref_logprobs") and, if asked, the policy's ("logprobs") and its
+        values ("values") for a rollout `batch`, one minibatch of `order` (int32[minibatches, rows]) at
+        a time, returned in row order."""
+        forward = self.forward(frozen)
+
+        def one(indices):
+            mb = jax.tree.map(lambda x: x[indices], batch)
+            if self.shard_batch is not None:
+                mb = jax.tree.map(self.shard_batch, mb)
+            ref_model = nnx.merge(self.ref_graphdef, reference)
+            out = {"ref_logprobs": self.logprobs(self.hidden(ref_model, mb), mb["response_ids"], ref_model.logits)}
+            if policy or values:
+                hidden, out["values"] = forward(params, mb)
+                if policy:
+                    out["logprobs"] = self.logprobs(hidden, mb["response_ids"],
+                                                    lambda h: self.head(frozen)(params, h))
+            return out
+
+        scored = jax.lax.map(one, order)
+        inverse = jnp.argsort(order.reshape(-1))
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[inverse], scored)
+
+
+def make_scoring(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=None, mesh=None):
+    """The update's scoring pass on its own, jitted: `score(params, rollout, frozen=None, reference=None)
+    -> {"logprobs", "ref_logprobs", "values"}`, f32[b, response_len] each, through the training forward
+    in minibatches of the config's size. `params` as in the train state ({"policy": ..., "value": ...}).
+    What the update uses as PPO's old log-probs under `ppo.old_logprobs = "recompute"`, for comparing with
+    the sampler's (`scripts/precision.py`)."""
+    fwd = _Forward(config, policy_graphdef, ref_graphdef or policy_graphdef, value_graphdef, mesh)
+    minibatches = config.ppo.num_mini_batches
+
+    def score(params, rollout: Rollout, frozen=None, reference=None):
+        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                 "response_ids": rollout.response_ids, "response_mask": rollout.response_mask}
+        order = jnp.arange(rollout.prompt_ids.shape[0]).reshape(minibatches, -1)
+        return fwd.score(params, frozen, reference, batch, order, policy=True, values=True)
+
+    return jax.jit(score)
+
+
+def make_ppo_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=None,
+                    eos_ids: Sequence[int] = (), optimizer: optax.GradientTransformation | None = None, mesh=None):
+    """The jitted PPO update: `update(state, rollout, scores, frozen=None, reference=None) -> (state, metrics)`.
+
+    Reads `config.ppo`, `config.reward` (scale, bias, normalize), `config.sampling.temperature` and
+    `config.model` (param_dtype and the memory levers remat, logits_chunk, shard_activations).
+    `reference`: the reference policy's params, for `ref_graphdef` (default: the policy's graphdef).
     `frozen`: the policy's params outside the state (a LoRA base), merged in for the forward.
     `scores`: f32[b], one per rollout row. `value_graphdef`: a separate value model (its params are
     `state.params["value"]`); without it the policy's value head serves. `eos_ids` serve the
     missing-EOS penalty. The state is donated; on a `mesh` the new state keeps the partition rules.
+
+    Before the PPO epochs a scoring pass runs the loss's own forward (no gradient) over the first
+    epoch's minibatches: the reference's log-probs, a separate value model's values and, with
+    `ppo.old_logprobs = "recompute"`, the policy's log-probs and value head, which are then PPO's
+    "old" values. On equal params the policy and the reference give equal log-probs (step 0's KL is
+    exactly 0) and the first minibatch's ratio is exactly 1, whatever the rounding of the sampler.
     """
     p, r = config.ppo, config.reward
-    temperature = config.sampling.temperature
     optimizer = optimizer or make_optimizer(config)
-    shared_value = value_graphdef is None
+    fwd = _Forward(config, policy_graphdef, ref_graphdef or policy_graphdef, value_graphdef, mesh)
+    recompute = resolve_old_logprobs(config) == "recompute"
     estimator = kl_lib.get_estimator(p.kl_estimator)
     eos_ids = tuple(int(e) for e in eos_ids)
 
-    m = config.model
-    shard_batch = batch_constraint(mesh) if mesh is not None and m.shard_activations else None
-    backbone_options = dict(remat=m.remat, constrain=shard_batch)
-
-    def loss_fn(frozen, prompt_len: int, response_len: int):
-        policy = lambda params: nnx.merge(policy_graphdef, *((params["policy"],) if frozen is None
-                                                             else (params["policy"], frozen)))
-
-        def forward(params, mb):
-            """Hidden states (the head runs in the loss, in chunks if asked) and values."""
-            ids = jnp.concatenate([mb["prompt_ids"], mb["response_ids"]], axis=1)
-            mask = jnp.concatenate([mb["prompt_mask"], mb["response_mask"]], axis=1)
-            model = policy(params)
-            hidden, _ = model.backbone(ids, mask, output_index=response_positions(prompt_len, response_len),
-                                       **backbone_options)
-            if shared_value:
-                return hidden, model.values(hidden)
-            return hidden, sequence_values(value_graphdef, params["value"], ids, mask, response_len,
-                                           **backbone_options)
-
-        return lm_ppo_loss(forward, temperature=temperature, cliprange=p.cliprange,
+    def loss_fn(frozen):
+        return lm_ppo_loss(fwd.forward(frozen), temperature=fwd.temperature, cliprange=p.cliprange,
                            cliprange_value=p.cliprange_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
                            aggregation=p.loss_aggregation, kl_loss_coef=1.0 if p.kl_in_loss else 0.0,
-                           kl_estimator=p.kl_loss_estimator, head=lambda params, h: policy(params).logits(h),
-                           logits_chunk=m.logits_chunk)
+                           kl_estimator=p.kl_loss_estimator, head=fwd.head(frozen), logits_chunk=fwd.logits_chunk)
 
-    def update(state: TrainState, rollout: Rollout, scores, frozen=None):
+    def update(state: TrainState, rollout: Rollout, scores, frozen=None, reference=None):
+        if reference is None:
+            raise ValueError("update(state, rollout, scores, frozen, reference): the reference policy's params "
+                             "are needed (its log-probs are taken here, by the loss's own forward)")
         mask = rollout.response_mask.astype(bool)
         scores, score_stats = normalize_scores(r.scale * scores + r.bias, state.score_stats, r.normalize)
         if p.missing_eos_penalty:
             scores = adv_lib.penalize_missing_eos(scores, rollout.response_ids, eos_ids, p.missing_eos_penalty)
-        kl = jnp.where(mask, estimator(rollout.logprobs, rollout.ref_logprobs), 0.0)
+        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                 "response_ids": rollout.response_ids, "response_mask": rollout.response_mask}
+        key, update_key = jax.random.split(state.key)
+        orders = minibatch_orders(update_key, mask.shape[0], p.num_ppo_epochs, p.num_mini_batches)
+        scored = fwd.score(state.params, frozen, reference, batch, orders[0], policy=recompute,
+                           values=recompute or value_graphdef is not None)
+        old_logprobs = scored["logprobs"] if recompute else rollout.logprobs
+        values = jnp.where(mask, scored["values"] if "values" in scored else rollout.values, 0.0)
+        kl = jnp.where(mask, estimator(old_logprobs, scored["ref_logprobs"]), 0.0)
         # With the KL in the loss (GRPO style) the reward carries no KL term.
         reward_kl_coef = 0.0 if p.kl_in_loss else state.kl.kl_coef
         rewards, non_score = adv_lib.kl_shaped_rewards(scores, kl, mask, reward_kl_coef)
         if p.whiten_rewards:
             rewards = adv_lib.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = adv_lib.gae(rewards, rollout.values, mask, p.gamma, p.lam)
+        advantages, returns = adv_lib.gae(rewards, values, mask, p.gamma, p.lam)
         if p.whiten_advantages:
             advantages = jnp.where(mask, adv_lib.masked_whiten(advantages, mask), 0.0)
-        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                 "response_ids": rollout.response_ids, "response_mask": rollout.response_mask,
-                 "logprobs": rollout.logprobs, "ref_logprobs": rollout.ref_logprobs, "values": rollout.values,
-                 "advantages": advantages, "returns": returns}
-        key, update_key = jax.random.split(state.key)
-        prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+        weights, sampling_metrics = sampler_weights(old_logprobs, rollout.logprobs, mask, p.sampler_correction,
+                                                    p.sampler_correction_cap)
+        batch.update(logprobs=old_logprobs, ref_logprobs=scored["ref_logprobs"], values=values,
+                     advantages=advantages, returns=returns)
+        if weights is not None:
+            batch["sampler_weights"] = weights
         params, opt_state, stats = ppo_update(
-            state.params, state.opt_state, batch, update_key, loss_fn=loss_fn(frozen, prompt_len, response_len),
-            optimizer=optimizer, num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches,
-            shard_minibatch=shard_batch)
-        metrics = rollout_metrics(scores, kl, non_score, rollout.logprobs, mask)
+            state.params, state.opt_state, batch, update_key, loss_fn=loss_fn(frozen), optimizer=optimizer,
+            num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches, shard_minibatch=fwd.shard_batch)
+        metrics = rollout_metrics(scores, kl, non_score, old_logprobs, mask)
         new_kl = kl_lib.update_kl_controller(state.kl, metrics["objective/kl"], scores.shape[0])
         metrics.update(stats)
+        metrics.update(sampling_metrics)
         metrics["objective/kl_coef"] = state.kl.kl_coef
-        metrics["val/mean"] = jnp.sum(jnp.where(mask, rollout.values, 0.0)) / jnp.maximum(mask.sum(), 1)
+        metrics["val/mean"] = jnp.sum(values) / jnp.maximum(mask.sum(), 1)
         metrics["val/returns_mean"] = jnp.sum(returns) / jnp.maximum(mask.sum(), 1)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, kl=new_kl, key=key,
                                   score_stats=score_stats)

@@ -5,6 +5,7 @@ peers' harnesses (TRL, Tunix) from ../shared/bench. The last line printed is one
     python scripts/benchmark.py --preset large                 # 6 layers, width 512, 8 heads
     python scripts/benchmark.py --preset small --value_model shared
     python scripts/benchmark.py --preset small --peers --rounds 3   # ours, TRL, Tunix alternating
+    python scripts/benchmark.py --preset small --dtype bfloat16 --old_logprobs sampler  # recompute's cost
 
 The reference config: GPT-2-architecture policy, vocabulary 1024, f32; rollout batch 32, prompt 16,
 response 32 with no early EOS; 1 PPO epoch, 1 minibatch; a reference copy, a learned reward model
@@ -61,13 +62,13 @@ def make_config(args, tok_dir, rm_dir, prompts):
     c = base_config()
     c.model.builtin.update(family="gpt2", hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
                            max_position_embeddings=args.prompt_len + args.response_len)
-    c.model.value_model = args.value_model
+    c.model.update(value_model=args.value_model, dtype=args.dtype, param_dtype=args.dtype)
     c.tokenizer.path = tok_dir
     c.reward.update(kind="model", model_path=rm_dir)
     c.data.update(path=prompts, max_prompt_len=args.prompt_len)
     c.sampling.update(max_new_tokens=args.response_len, temperature=0.7)
     c.train.update(rollout_batch_size=args.batch, num_iterations=args.iters + 1)
-    c.ppo.update(num_ppo_epochs=1, num_mini_batches=1, kl_coef=0.05, vf_coef=0.1)
+    c.ppo.update(num_ppo_epochs=1, num_mini_batches=1, kl_coef=0.05, vf_coef=0.1, old_logprobs=args.old_logprobs)
     c.optim.update(learning_rate=3e-6)
     c.logging.update(progress=False, tensorboard=False, samples_every=0)
     return c
@@ -186,6 +187,9 @@ def main():
     parser.add_argument("--response_len", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5, help="timed iterations after the first (compiling) one")
     parser.add_argument("--value_model", choices=["separate", "shared"], default="separate")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="model.dtype and model.param_dtype (the peers run f32)")
+    parser.add_argument("--old_logprobs", choices=["auto", "recompute", "sampler"], default="auto")
     parser.add_argument("--peers", action="store_true", help="also run TRL and Tunix (../shared/bench), alternating")
     parser.add_argument("--rounds", type=int, default=2, help="with --peers: alternating rounds")
     parser.add_argument("--_ours_only", action="store_true", help=argparse.SUPPRESS)

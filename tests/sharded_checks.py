@@ -173,3 +173,20 @@ def test_iteration_compiles_from_shapes_on_a_2x4_mesh():
     # Params and Adam moments are FSDP-sharded 4 ways: each device's arguments are far below the total.
     assert update.memory_analysis().argument_size_in_bytes < 0.5 * total
     step.lower_rollout().compile()
+
+
+def test_bf16_step0_kl_and_ratios_are_exact_on_a_2x4_mesh(tmp_path):
+    """The scoring pass and the loss are one program on a mesh too: with a zero optimizer step every
+    ratio of both epochs is exactly 1 and the KL to the (equal) reference exactly 0."""
+    from rlhf_jax.update import make_ppo_update
+    config = mesh_config(2, 4)
+    config.model.update(dtype="bfloat16", param_dtype="bfloat16")
+    config.model.builtin.family = "llama"
+    trainer = PPOTrainer(config, str(tmp_path))
+    trainer.optimizer = optax.set_to_zero()
+    trainer.update_fn = make_ppo_update(config, policy_graphdef=trainer.policy_graphdef,
+                                        ref_graphdef=trainer.ref_graphdef, eos_ids=trainer.eos_ids,
+                                        optimizer=trainer.optimizer, mesh=trainer.mesh)
+    _, metrics, _ = trainer.iteration(trainer.init_state())
+    assert metrics["objective/kl"] == 0.0 and metrics["policy/approxkl_avg"] == 0.0
+    assert metrics["sampling/sampling_logp_difference/max"] > 0  # while the sampler's differ

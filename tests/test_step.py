@@ -42,7 +42,9 @@ def test_rollout_and_update_compile_from_shapes_without_weights(value_model, rew
     assert rollout.memory_analysis().argument_size_in_bytes > embed_bytes
     out = jax.eval_shape(step.rollout_fn, *step.rollout_args, **step.rollout_kwargs)
     b, r = config.train.rollout_batch_size, config.sampling.max_new_tokens
-    assert out.logprobs.shape == (b, r) and out.values.shape == (b, r)
+    assert out.logprobs.shape == (b, r)
+    # A separate value model is scored by the update; a value head comes along with the samples.
+    assert (out.values is None) == (value_model == "separate") and (out.values is None or out.values.shape == (b, r))
     assert (out.scores is None) == (reward_kind == "function")
 
 
@@ -59,16 +61,16 @@ def test_reference_normalisation_is_state_not_a_traced_constant():
     config.ppo.update(num_ppo_epochs=1, num_mini_batches=1)
     cfg = gpt2_config(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=32)
     graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0), value_head=True))
-    rollout = make_rollout(config, policy_graphdef=graphdef, ref_graphdef=graphdef, eos_ids=(1,), pad_id=0)
+    rollout = make_rollout(config, policy_graphdef=graphdef, eos_ids=(1,), pad_id=0)
     update = make_ppo_update(config, policy_graphdef=graphdef, eos_ids=(1,))
     prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (16, 4)), jnp.int32)
-    batch = rollout(params, params, prompts, jnp.ones_like(prompts), jax.random.PRNGKey(0))
+    batch = rollout(params, prompts, jnp.ones_like(prompts), jax.random.PRNGKey(0))
     raw = jnp.asarray(np.random.default_rng(1).normal(size=16), jnp.float32)
     means = {}
     for mean, std in ((0.0, 1.0), (2.0, 4.0)):
         stats = np.array([100.0, mean, std ** 2 * 100.0], np.float32)  # count, mean, M2
         state = init_train_state(config, {"policy": jax.tree.map(jnp.copy, params)}, make_optimizer(config), stats)
-        _, metrics = update(state, batch, raw)
+        _, metrics = update(state, batch, raw, reference=params)
         means[mean] = float(metrics["objective/scores"])
     assert update._cache_size() == 1
     np.testing.assert_allclose(means[0.0], float(raw.mean()), rtol=1e-5)
