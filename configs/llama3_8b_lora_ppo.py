@@ -1,5 +1,5 @@
 """LoRA PPO on a Llama-3.1-8B-shaped policy: rank 16 on q/k/v/o and the MLP, the base frozen in bf16
-(held once: it is also the reference, with the adapters off), value head on the trunk.
+(held once: it is also the reference, with a snapshot of the fresh adapters, B = 0), value head on the trunk.
 
     python -m rlhf_jax.plan --config=configs/llama3_8b_lora_ppo.py --topology=v5e:2x2
 """

@@ -1,6 +1,6 @@
 """LoRA PPO on SmolLM2-135M-Instruct (prepared offline: `python scripts/prepare_smollm2.py runs/smollm2`)
 with chat-templated questions and a reward for short answers that keep the key fact. The value head
-sits on the policy's backbone; the reference is the base with the adapters off.
+sits on the policy's backbone; the reference is the base plus the fresh adapters (B = 0), i.e. the base.
 
     python -m rlhf_jax.train --config=configs/smollm2_lora_ppo.py --workdir=runs/smollm2_ppo
 """

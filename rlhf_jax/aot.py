@@ -75,14 +75,10 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
                                                    ...)
     trainable, frozen = _sharded_params(trainable, mesh), _sharded_params(frozen, mesh)
     policy_params = nnx.merge_state(trainable, frozen)
-    if lora:
-        # The reference is the base with the adapters off: the frozen buffers under a graph without adapters.
-        ref_graphdef, ref_params = nnx.split(nnx.eval_shape(lambda: CausalLM(base_cfg, rngs=nnx.Rngs(0))))
-        ref_params = _sharded_params(ref_params, mesh)
-        ref_copy = None
-    else:
-        ref_graphdef, ref_params = policy_graphdef, policy_params
-        ref_copy = ref_params
+    # The reference: the policy's graph over a copy of its params (with LoRA: the frozen base itself
+    # plus a snapshot of the adapters).
+    ref_graphdef, ref_params = policy_graphdef, policy_params
+    ref_copy = trainable if lora else ref_params
 
     params = {"policy": trainable}
     value_graphdef = None

@@ -181,10 +181,6 @@ def load_models(config, mesh, vocab_size: int) -> Models:
     if c.model.reference_path:
         ref_graphdef, ref_params = nnx.split(load_pretrained(
             c.model.reference_path, value_head=shared, dtype=c.model.dtype, param_dtype=c.model.param_dtype))
-    elif lora and not c.lora.adapter_path:
-        # The base with the adapters off: a graph without adapters over the very same base buffers.
-        base_cfg = policy.cfg.replace(lora_rank=0, lora_targets=())
-        ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(base_cfg, rngs=nnx.Rngs(0), value_head=False)))
 
     value_graphdef = value_params = None
     if not shared:
@@ -198,11 +194,11 @@ def load_models(config, mesh, vocab_size: int) -> Models:
     elif not lora:
         # A copy, not an alias: the policy's buffers are donated to the update.
         ref_params = jax.tree.map(jnp.copy, nnx.merge_state(policy_params, frozen))
-    elif c.lora.adapter_path:
-        # Adapters from a LoRA SFT: the reference is the base plus a frozen snapshot of those adapters.
-        ref_params = nnx.merge_state(jax.tree.map(jnp.copy, policy_params), frozen)
     else:
-        ref_params = frozen
+        # The policy as RL starts, through the policy's own program: the very base buffers plus a frozen
+        # snapshot of the adapters (fresh ones have B = 0: the base with the adapters off, and bit for bit
+        # the policy's step-0 forward; a graph without adapters rounds differently in bf16).
+        ref_params = nnx.merge_state(jax.tree.map(jnp.copy, policy_params), frozen)
 
     reward_graphdef = reward_params = None
     if c.reward.kind == "model":

@@ -125,11 +125,11 @@ def run_ours(args) -> dict:
     # FLOPs of one iteration's jitted work, from XLA's cost analysis of the compiled programs.
     prompt_ids = trainer.to_device_batch(trainer.prompt_ids[:args.batch])
     prompt_mask = trainer.to_device_batch(trainer.prompt_mask[:args.batch])
-    rollout_args = (trainer.policy_params(state), trainer.ref_params, prompt_ids, prompt_mask, jax.random.PRNGKey(0))
-    rollout_kwargs = dict(value_params=state.params.get("value"), reward_params=trainer.rm_params)
+    rollout_args = (trainer.policy_params(state), prompt_ids, prompt_mask, jax.random.PRNGKey(0))
+    rollout_kwargs = dict(reward_params=trainer.rm_params)
     rollout = trainer.rollout_fn(*rollout_args, **rollout_kwargs)
     scores = trainer.to_device_batch(jnp.zeros((args.batch,), jnp.float32))
-    update_flops = compiled_flops(trainer.update_fn, state, rollout, scores, trainer.frozen)
+    update_flops = compiled_flops(trainer.update_fn, state, rollout, scores, trainer.frozen, trainer.ref_params)
     # The decode loop's body counts once in the cost analysis: add the other max_new_tokens - 1 steps
     # at about 2 x params FLOPs per token.
     n_params = sum(x.size for x in jax.tree.leaves(trainer.ref_params))

@@ -65,14 +65,17 @@ def test_step0_kl_is_exactly_zero_and_one_base_copy(demo_copy, tmp_path):
     state, policy, reference, mask = step0_logprobs(trainer)
     np.testing.assert_array_equal(policy[mask], reference[mask])  # exactly, not approximately
 
-    # The reference is the base with adapters off: the same buffers as the policy's frozen base.
+    # The reference is the base with fresh adapters (B = 0): the same buffers as the policy's frozen
+    # base, plus a snapshot of the adapters.
     frozen = {leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(trainer.frozen)}
-    assert {leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(trainer.ref_params)} <= frozen
+    ref_base = [leaf for path, leaf in nnx.to_flat_state(trainer.ref_params)
+                if not any(k in ("lora_a", "lora_b", "value_head") for k in path)]
+    assert {leaf[...].unsafe_buffer_pointer() for leaf in ref_base} <= frozen
     base_bytes = unique_bytes(trainer.frozen)
     adapter_bytes = unique_bytes(state.params)  # adapters + the value head
     total = unique_bytes(state.params, state.opt_state, trainer.frozen, trainer.ref_params)
-    moments = 2  # Adam: mu and nu
-    assert total <= base_bytes + 1.1 * adapter_bytes * (1 + moments), (total, base_bytes, adapter_bytes)
+    copies = 4  # the adapters, Adam's mu and nu, the reference's snapshot
+    assert total <= base_bytes + 1.1 * adapter_bytes * copies, (total, base_bytes, adapter_bytes)
     assert adapter_bytes < 0.2 * base_bytes
 
 

@@ -31,8 +31,8 @@ def setup(dtype: str, family: str, lora: bool, old_logprobs: str = "auto", **ppo
     if lora:
         model = with_lora(model, 4, 8.0, ("q_proj", "v_proj"))
         graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
-        # The reference is the base with the adapters off: the frozen buffers under a graph without adapters.
-        ref_graphdef, ref_params = nnx.graphdef(CausalLM(builtin_model_config(config, VOCAB), rngs=nnx.Rngs(0))), frozen
+        # The reference as the trainer builds it: the base plus a snapshot of the fresh adapters (B = 0).
+        ref_graphdef, ref_params = graphdef, nnx.merge_state(jax.tree.map(jnp.copy, params), frozen)
     else:
         graphdef, params = nnx.split(model)
         frozen, ref_graphdef, ref_params = None, graphdef, jax.tree.map(jnp.copy, params)
