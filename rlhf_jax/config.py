@@ -88,7 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging = ml_collections.ConfigDict(dict(
         samples_every=5, num_samples=4, tensorboard=True, wandb=False, wandb_project="rlhf_jax", progress=True))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+    # distributed: one process per host, joined by jax.distributed.initialize before any other JAX call;
+    # coordinator_address "" and num_processes / process_id -1: JAX's own cluster detection (TPU VM, SLURM).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False, coordinator_address="",
+                                            num_processes=-1, process_id=-1))
     return c
 
 
@@ -173,6 +176,17 @@ def validate(config, num_devices: int = 1) -> None:
         if config.lora.dropout:
             raise ConfigError(f"config.lora.dropout = {config.lora.dropout}: dropout makes the PPO ratio differ "
                               "from 1 on unchanged params (the rollout and training forwards must match); use 0")
+    m = config.mesh
+    explicit = [bool(m.coordinator_address), m.num_processes != -1, m.process_id != -1]
+    if any(explicit) and not all(explicit):
+        raise ConfigError("config.mesh.coordinator_address, num_processes and process_id go together: set all "
+                          "three (a local multi-process run) or none (JAX's cluster detection)")
+    if all(explicit) and not 0 <= m.process_id < m.num_processes:
+        raise ConfigError(f"config.mesh.process_id = {m.process_id}: must be in [0, config.mesh.num_processes = "
+                          f"{m.num_processes})")
+    if any(explicit) and not m.distributed:
+        raise ConfigError("config.mesh.coordinator_address / num_processes / process_id need "
+                          "config.mesh.distributed = True")
     if config.reward.kind == "function" and ":" not in config.reward.function:
         raise ConfigError(f"config.reward.function = {config.reward.function!r}: expected 'module:callable'")
     if config.reward.kind == "model" and not config.reward.model_path:

@@ -62,13 +62,15 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, aggr
 
 
 def value_loss(values, old_values, returns, mask, cliprange_value: float, aggregation: str = "token"):
-    """0.5 * mean of max((v - R)^2, (v_clipped - R)^2), v_clipped = old + clip(v - old, +-eps).
+    """0.5 * mean of max((v - R)^2, (v_clipped - R)^2), v_clipped = clip(v, old - eps, old + eps).
 
     Returns (loss, stats) with stats clipfrac.
     """
     chex.assert_equal_shape([values, old_values, returns, mask])
     mask = mask.astype(bool)
-    clipped_values = old_values + jnp.clip(values - old_values, -cliprange_value, cliprange_value)
+    # clip(v, old - eps, old + eps), not old + clip(v - old, +-eps): inside the range that is v itself, so
+    # clipfrac counts clipping, not the rounding of (v - old) + old.
+    clipped_values = jnp.clip(values, old_values - cliprange_value, old_values + cliprange_value)
     unclipped_loss = jnp.square(values - returns)
     clipped_loss = jnp.square(clipped_values - returns)
     loss = 0.5 * aggregate(jnp.maximum(unclipped_loss, clipped_loss), mask, aggregation)

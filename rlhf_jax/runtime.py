@@ -55,3 +55,18 @@ def use_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
+
+
+def initialize_distributed(mesh_config) -> None:
+    """Join the other hosts' processes (`config.mesh.distributed`): `jax.distributed.initialize` with
+    the config's coordinator address, process count and id, or JAX's cluster detection where they are
+    unset. Call it before any other JAX call (it must come before the backend starts); a second call
+    is a no-op."""
+    import jax
+    if jax.distributed.is_initialized():
+        return
+    m = mesh_config
+    if m.coordinator_address:
+        jax.distributed.initialize(m.coordinator_address, m.num_processes, m.process_id)
+    else:
+        jax.distributed.initialize()

@@ -21,7 +21,9 @@ from typing import Callable
 import jax
 
 from rlhf_jax.checkpoint import Checkpointer, is_finite
+from rlhf_jax.config import validate
 from rlhf_jax.metrics import MetricWriter
+from rlhf_jax.runtime import initialize_distributed
 from rlhf_jax.trainer import PPOTrainer, TrainState
 
 log = logging.getLogger("rlhf_jax")
@@ -59,9 +61,10 @@ def train(config, workdir: str, extra_metrics: dict[str, Callable] | None = None
 
     `num_iterations` stops early (after that many iterations in total) without changing the schedule.
     """
-    if config.mesh.distributed and jax.process_count() == 1:
-        # Multi-host (TPU pods, multi-node GPU): one process per host, coordinated by JAX's runtime.
-        jax.distributed.initialize()
+    if config.mesh.distributed:
+        # One process per host (TPU pods, multi-node GPU), joined before anything starts JAX's backend.
+        validate(config)
+        initialize_distributed(config.mesh)
     os.makedirs(workdir, exist_ok=True)
     trainer = PPOTrainer(config, workdir, extra_metrics)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep,
@@ -104,9 +107,12 @@ def train(config, workdir: str, extra_metrics: dict[str, Callable] | None = None
                     bar.update(1)
                     bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
                 every = config.checkpoint.every
-                if preemption.requested or (every and step % every == 0) or step == end:
+                # SIGTERM may reach one host only: all stop after the same iteration, or the others would
+                # wait in the next iteration's collectives while this one saves.
+                stop = trainer.any_host(preemption.requested)
+                if stop or (every and step % every == 0) or step == end:
                     _save(checkpointer, state, trainer, step)
-                if preemption.requested:
+                if stop:
                     log.warning("stopped after iteration %d for SIGTERM; checkpoint saved", step)
                     break
     finally:
@@ -125,8 +131,9 @@ def _main(config, workdir):
         print(json.dumps({"step": int(state.step), "objective/scores": last["objective/scores"],
                           "objective/kl": last["objective/kl"]}))
     if flags.FLAGS.export_dir:
-        trainer.export_policy(state, flags.FLAGS.export_dir)
-        print(f"policy exported to {flags.FLAGS.export_dir}")
+        trainer.export_policy(state, flags.FLAGS.export_dir)  # every process takes part; process 0 writes
+        if jax.process_index() == 0:
+            print(f"policy exported to {flags.FLAGS.export_dir}")
 
 
 def run():

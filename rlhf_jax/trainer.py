@@ -114,6 +114,19 @@ class PPOTrainer:
         return np.asarray(multihost_utils.global_array_to_host_local_array(
             array, self.mesh, jax.sharding.PartitionSpec(BATCH_AXES)))
 
+    def sum_over_hosts(self, values) -> np.ndarray:
+        """The element-wise sum of a small float vector over every process (itself on one host): a
+        collective, so every process must call it at the same point."""
+        values = np.asarray(values, np.float64)
+        if jax.process_count() == 1:
+            return values
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+
+    def any_host(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (a collective, like `sum_over_hosts`)."""
+        return bool(self.sum_over_hosts([flag])[0])
+
     def policy_params(self, state: TrainState):
         """The policy's full params: the state's trainable part plus the frozen base."""
         return nnx.merge_state(state.params["policy"], self.frozen)
@@ -156,6 +169,8 @@ class PPOTrainer:
         for i in range(c.reward.normalize_batches):
             index = np.random.default_rng([c.seed, 99, i]).choice(len(self.prompt_texts), c.train.rollout_batch_size,
                                                                    replace=False)
+            per_host = len(index) // jax.process_count()
+            index = index[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]  # this host's rows
             prompt_ids, prompt_mask = self.to_device_batch(self.prompt_ids[index]), self.to_device_batch(
                 self.prompt_mask[index])
             out = self.generate(self.ref_params, prompt_ids, prompt_mask, jax.random.PRNGKey(10_000 + i),
@@ -165,6 +180,9 @@ class PPOTrainer:
             responses, _, _ = self.decode_responses(out)
             scores.append(c.reward.scale * self.scores_for(prompts, responses, ids, mask) + c.reward.bias)
         scores = np.concatenate(scores).astype(np.float64)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            scores = np.asarray(multihost_utils.process_allgather(scores), np.float64).reshape(-1)
         log.info("reward normalisation from %d reference samples: mean %.4f, std %.4f", len(scores),
                  scores.mean(), scores.std())
         return np.array([len(scores), scores.mean(), np.sum(np.square(scores - scores.mean()))], np.float32)
@@ -173,7 +191,7 @@ class PPOTrainer:
         """Rewards of a batch: the Python function on text, or the reward model on device."""
         if self.reward_fn is not None:
             return self._call_reward(prompts, responses)
-        return np.asarray(self._reward_scores(self.rm_params, ids, mask))
+        return self.local_rows(self._reward_scores(self.rm_params, ids, mask))
 
     def _call_reward(self, prompts, responses) -> np.ndarray:
         raw = self.reward_fn(prompts, responses)
@@ -202,16 +220,30 @@ class PPOTrainer:
         prompts = [self.prompt_texts[i] for i in index]
         responses, lengths, ended = self.decode_responses(rollout)
         step = int(state.step)
-        if rollout.scores is None:
-            scores = self._call_reward(prompts, responses)
-            device_scores = self.to_device_batch(scores)
-        else:
-            scores, device_scores = self.local_rows(rollout.scores), rollout.scores
-        if not np.all(np.isfinite(scores)):
-            bad = int(np.flatnonzero(~np.isfinite(scores))[0])
-            raise FloatingPointError(f"iteration {step}: non-finite reward {scores[bad]} for response {bad} "
-                                     f"({responses[bad]!r})")
-        extra = {name: float(np.mean(fn(prompts, responses, ended))) for name, fn in self.extra_metrics.items()}
+        model_scores = None if rollout.scores is None else self.local_rows(rollout.scores)
+        # The host side can fail on one host only (a user's reward function, a non-finite reward in its
+        # rows): every host learns of it in the one exchange below and stops, instead of waiting in the
+        # update's collectives for a host that is gone.
+        error, scores, extra_sums = None, None, np.zeros(len(self.extra_metrics))
+        try:
+            scores = self._call_reward(prompts, responses) if model_scores is None else model_scores
+            if not np.all(np.isfinite(scores)):
+                bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+                raise FloatingPointError(f"iteration {step}: non-finite reward {scores[bad]} for response {bad} "
+                                         f"({responses[bad]!r})")
+            extra_sums = np.array([np.sum(np.asarray(fn(prompts, responses, ended), np.float64))
+                                   for fn in self.extra_metrics.values()])
+        except Exception as e:  # re-raised below, with its own traceback
+            error = e
+        totals = self.sum_over_hosts([error is not None, lengths.sum(), len(lengths), np.sum(ended), *extra_sums])
+        if error is not None:
+            raise error
+        if totals[0]:
+            raise RuntimeError(f"iteration {step}: another process failed in its reward step (its log has the "
+                               "error); this one stops too")
+        device_scores = self.to_device_batch(scores) if model_scores is None else rollout.scores
+        rows = totals[2]
+        extra = {name: float(total / rows) for name, total in zip(self.extra_metrics, totals[4:])}
         timings["time/reward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -230,9 +262,9 @@ class PPOTrainer:
         metrics.update(timings)
         metrics.update(extra)
         metrics["time/iteration"] = sum(timings.values())
-        metrics["response/length_mean"] = float(lengths.mean())
-        metrics["response/eos_frac"] = float(np.mean(ended))
-        metrics["speed/generated_tokens_per_s"] = int(lengths.sum()) / max(timings["time/rollout"], 1e-9)
+        metrics["response/length_mean"] = float(totals[1] / rows)
+        metrics["response/eos_frac"] = float(totals[3] / rows)
+        metrics["speed/generated_tokens_per_s"] = float(totals[1]) / max(timings["time/rollout"], 1e-9)
         samples = []
         if want_samples:
             kl_rows = self.kl_to_reference(prompt_ids, prompt_mask, {"response_ids": rollout.response_ids,
@@ -246,9 +278,20 @@ class PPOTrainer:
     # ---------------------------------------------------------------- export
     def export_policy(self, state: TrainState, path: str) -> None:
         """Write the policy as an HF folder (config.json + safetensors) and the tokenizer beside it;
-        a LoRA policy is written merged, and its adapters alone to `path/adapter` (PEFT layout)."""
+        a LoRA policy is written merged, and its adapters alone to `path/adapter` (PEFT layout). The
+        trained weights are written in `model.param_dtype`, as the forward saw them. With several
+        processes every one must call this (the weights are gathered); process 0 writes."""
         from rlhf_jax.models import read_hf_config, save_pretrained
-        model = nnx.merge(self.policy_graphdef, state.params["policy"], self.frozen)
+        trainable = cast_floats(state.params["policy"], jnp.dtype(self.config.model.param_dtype))
+        frozen = self.frozen
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            gather = lambda tree: jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                                               tree)
+            trainable, frozen = gather(trainable), gather(frozen)
+            if jax.process_index() != 0:
+                return
+        model = nnx.merge(self.policy_graphdef, trainable, frozen)
         source = read_hf_config(self.config.model.path) if self.config.model.path else None
         extra = {"pad_token_id": self.pad_id, "eos_token_id": self.eos_ids[0]}
         save_pretrained(model, path, hf_config={**(source or {}), **extra})  # adapters merged in

@@ -127,6 +127,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     ("--config.ppo.kl_estimator=k4", "config.ppo.kl_estimator = 'k4'"),
     ("--config.model.builtin.vocab_size=10", "vocab_size = 10 is smaller than the tokenizer's"),
     ("--config.model.logits_chunk=3", "config.model.logits_chunk = 3 does not divide"),
+    ("--config.mesh.num_processes=2", "coordinator_address, num_processes and process_id go together"),
+    ("--config.ppo.sampler_correction=token", "config.ppo.sampler_correction = 'token'"),
 ])
 def test_config_errors_through_the_command_line(tmp_path, override, message):
     result = _cli(["--config=configs/tiny.py", f"--workdir={tmp_path}", override])
