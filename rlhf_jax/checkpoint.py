@@ -4,7 +4,8 @@ restore the newest one that reads back.
 A checkpoint that does not match the run (another model size, LoRA on or off, another optimizer:
 its tree, shapes or dtypes differ from the run's state) stops the run with one line naming the
 first difference, and nothing is renamed: running the config that wrote it resumes it. A damaged
-checkpoint (unreadable, or holding non-finite values) is set aside as `<step>.corrupt-<time>`,
+checkpoint (unreadable, holding non-finite values, or not matching the checksums saved with it)
+is set aside as `<step>.corrupt-<time>`,
 never overwritten or deleted, and the previous one is tried.
 """
 
@@ -51,6 +52,29 @@ def first_difference(saved: dict, expected: dict) -> str | None:
     return None
 
 
+@jax.jit
+def _fingerprints(leaves):
+    def one(x):
+        if jnp.dtype(x.dtype).itemsize == 4:
+            words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        elif jnp.dtype(x.dtype).itemsize == 2:
+            words = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        else:
+            words = x.astype(jnp.uint32)
+        words = words.reshape(-1)
+        # An odd weight per position (wrapping mod 2^32): a change to any one word always shows, and
+        # integer sums are exact in any order, so a sharded state gives the same number on any mesh.
+        weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        return jnp.sum(words * (weights | jnp.uint32(1)), dtype=jnp.uint32)
+    return [one(x) for x in leaves]
+
+
+def fingerprint(tree) -> list[int]:
+    """One uint32 checksum per leaf of a state, computed on the devices: saved beside a checkpoint and
+    compared after restoring it, so that a flipped byte that still reads as a number is caught."""
+    return [int(v) for v in jax.device_get(_fingerprints(jax.tree.leaves(tree)))]
+
+
 def is_finite(tree) -> bool:
     """Whether every floating-point value of a tree is finite."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
@@ -69,7 +93,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Save `state` (a pytree of arrays) and `meta` (JSON) as checkpoint `step` (async by default)."""
+        """Save `state` (a pytree of arrays) and `meta` (JSON) as checkpoint `step` (async by default);
+        the meta also carries the state's checksums (`fingerprint`)."""
+        meta = {**meta, "checksums": fingerprint(state)}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)))
 
@@ -104,6 +130,10 @@ class Checkpointer:
                 continue
             if not is_finite(restored["state"]):
                 self._set_aside(step, "it holds non-finite values")
+                continue
+            saved_sums = restored["meta"].get("checksums")  # absent in checkpoints from before they were kept
+            if saved_sums is not None and saved_sums != fingerprint(restored["state"]):
+                self._set_aside(step, "its data does not match the checksums saved with it")
                 continue
             return step, restored["state"], restored["meta"]
         return None

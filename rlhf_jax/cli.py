@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -25,21 +26,41 @@ def run_cli(main: Callable, config_help: str, extra_flags: Callable | None = Non
     if extra_flags is not None:
         extra_flags()
     flags.mark_flags_as_required(["config", "workdir"])
+    started = []
+
     def _main(argv):
         del argv
+        config = flags.FLAGS.config
+        config.keys()  # a config file that failed to load raises on first use: here, as a user's mistake
+        started.append(True)
         from absl import logging as absl_logging
+
+        from rlhf_jax.models.hf import CheckpointError
         # Orbax narrates every save at INFO through absl: keep warnings, and our own INFO lines.
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("rlhf_jax").setLevel(logging.INFO)
+        workdir = flags.FLAGS.workdir
         try:
-            main(flags.FLAGS.config, flags.FLAGS.workdir)
-        except (ConfigError, FileNotFoundError, KeyError) as e:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            print(f"error: --workdir={workdir}: cannot create it ({e.strerror})", file=sys.stderr)
+            sys.exit(2)
+        try:
+            main(config, workdir)
+        except (ConfigError, CheckpointError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
     try:
         app.run(_main)
-    except (AttributeError, KeyError) as e:
-        # ml_collections raises these, with a traceback, for an override of a key that does not exist.
-        print(f"error: bad config override: {e}", file=sys.stderr)
+    except (AttributeError, KeyError, OSError, SyntaxError) as e:
+        if started:
+            raise  # from the run itself (a user's reward function, say): its own traceback
+        # ml_collections raises these, with a traceback, while it reads the config file and its overrides.
+        key = str(e.args[0]).strip("\"'") if isinstance(e, (KeyError, AttributeError)) and len(e.args) == 1 else ""
+        if key and " " not in key:
+            message = f"no such config key {key!r}"
+        else:
+            message = " ".join(line.strip() for line in str(e).splitlines()[:4] if line.strip()) or type(e).__name__
+        print(f"error: bad --config or override: {message}", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,8 @@ override is an error, not a silently ignored key.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 ESTIMATORS = ("k1", "k2", "k3")
@@ -99,6 +101,15 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
+def _leaves(config, prefix: str = ""):
+    """(dotted key, value) of every field, nested sections included."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def _choice(config, key: str, choices) -> None:
     value = config
     for part in key.split("."):
@@ -120,6 +131,11 @@ def validate(config, num_devices: int = 1) -> None:
     missing = set(base_config().keys()) - set(config.keys())
     if missing:
         raise ConfigError(f"config is missing section(s) {sorted(missing)}: start from rlhf_jax.config.base_config()")
+    for key, value in _leaves(config):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config.{key} = {value}: must be a finite number")
+    _positive(config, "seed", allow_zero=True)
+    _positive(config, "checkpoint.max_to_keep")
     _choice(config, "model.value_model", ("shared", "separate"))
     _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.param_dtype", ("float32", "bfloat16", "float16"))

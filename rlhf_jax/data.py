@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from rlhf_jax.config import ConfigError
+
 
 @dataclasses.dataclass
 class PromptReport:
@@ -34,20 +36,34 @@ def read_prompts(path: str, field: str = "prompt") -> list[str]:
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         if field not in ds.column_names:
-            raise KeyError(f"data.field {field!r} is not a column of {path!r} (columns: {ds.column_names})")
+            raise ConfigError(f"data.field {field!r} is not a column of {path!r} (columns: {ds.column_names})")
         return [str(x) for x in ds[field]]
     prompts = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"data.path {path}:{line_no}: not UTF-8 text (byte {e.start}): expected JSON "
+                                  "lines") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+                raise ConfigError(f"data.path {path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"data.path {path}:{line_no}: a JSON {type(record).__name__}, not an object with "
+                                  f"a {field!r} field")
             if field not in record:
-                raise KeyError(f"{path}:{line_no}: no field {field!r} (data.field); fields: {sorted(record)}")
-            prompts.append(str(record[field]))
+                raise ConfigError(f"data.path {path}:{line_no}: no field {field!r} (data.field); fields: "
+                                  f"{sorted(record)}")
+            if not isinstance(record[field], str):
+                raise ConfigError(f"data.path {path}:{line_no}: {field!r} is {json.dumps(record[field])[:40]}, "
+                                  "not a string")
+            prompts.append(record[field])
+    if not prompts:
+        raise ConfigError(f"data.path {path}: no prompts in it (expected JSON lines with a {field!r} field)")
     return prompts
 
 

@@ -21,6 +21,7 @@ from flax import nnx
 from rlhf_jax.config import ConfigError, validate_tokenizer
 from rlhf_jax.data import read_prompts, tokenize_prompts
 from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel, load_pretrained
+from rlhf_jax.models.hf import config_from_hf, read_hf_config
 from rlhf_jax.models.lora import TRAINABLE, load_adapters, merged_params, with_lora
 from rlhf_jax.sharding import param_shardings, shard_like
 
@@ -32,11 +33,40 @@ def load_callable(spec: str, key: str = "config.reward.function") -> Callable:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"{key} = {spec!r}: cannot import module {module_name!r} ({e})") from e
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):  # the module itself, not one it imports
+            raise ConfigError(f"{key} = {spec!r}: no module named {e.name!r}") from None
+        raise  # an import inside the user's module failed: their traceback
     if not hasattr(module, attr):
-        raise AttributeError(f"{key} = {spec!r}: module {module_name!r} has no {attr!r}")
-    return getattr(module, attr)
+        raise ConfigError(f"{key} = {spec!r}: module {module_name!r} has no {attr!r}")
+    value = getattr(module, attr)
+    if not callable(value):
+        raise ConfigError(f"{key} = {spec!r}: {attr!r} is a {type(value).__name__}, not a function")
+    return value
+
+
+def check_folders(config) -> None:
+    """Every local folder the config names exists and, for a model, is a Hugging Face folder this
+    library reads (config.json of a supported type, safetensors weights): checked before anything
+    loads, so that a typo is one line, never a download attempt (nothing contacts a hub)."""
+    c = config
+    folders = {"config.model.path": c.model.path, "config.tokenizer.path": c.tokenizer.path,
+               "config.model.reference_path": c.model.reference_path, "config.model.value_path": c.model.value_path,
+               "config.lora.adapter_path": c.lora.adapter_path}
+    if c.reward.kind == "model":
+        folders["config.reward.model_path"] = c.reward.model_path
+    for key, path in folders.items():
+        if path and not os.path.isdir(path):
+            raise ConfigError(f"{key} = {path!r}: no such folder (a local folder; nothing is downloaded from a hub)")
+    for key in ("config.model.path", "config.model.reference_path", "config.model.value_path",
+                "config.reward.model_path"):
+        path = folders.get(key)
+        if path:
+            config_from_hf(read_hf_config(path))  # a supported model_type, or the field named
+            if not any(os.path.isfile(os.path.join(path, f))
+                       for f in ("model.safetensors", "model.safetensors.index.json")):
+                raise ConfigError(f"{key} = {path!r}: no model.safetensors (or its index) in it; only "
+                                  "safetensors weights are read")
 
 
 def builtin_task(config) -> ModuleType:
@@ -48,8 +78,10 @@ def builtin_task(config) -> ModuleType:
                           "or config.tokenizer.path / config.model.path is empty)")
     try:
         return importlib.import_module(name)
-    except ImportError as e:
-        raise ImportError(f"config.data.builtin = {name!r}: cannot import it ({e})") from e
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):
+            raise ConfigError(f"config.data.builtin = {name!r}: no module named {e.name!r}") from None
+        raise
 
 
 def builtin_model_config(config, vocab_size: int) -> ModelConfig:
@@ -110,8 +142,10 @@ def load_prompts(config, tokenizer) -> Prompts:
         log.warning("prompts: %d read, %d kept, %d cut from the left, %d rejected as too long, %d empty",
                     report.total, report.kept, report.truncated, report.rejected_too_long, report.rejected_empty)
     if report.kept < c.train.rollout_batch_size:
-        raise ValueError(f"only {report.kept} usable prompts (of {report.total}): fewer than "
-                         f"config.train.rollout_batch_size = {c.train.rollout_batch_size}")
+        raise ConfigError(f"only {report.kept} usable prompts (of {report.total}; {report.rejected_too_long} "
+                          f"longer than config.data.max_prompt_len = {c.data.max_prompt_len} with truncation "
+                          f"{c.data.truncation!r}, {report.rejected_empty} empty): fewer than "
+                          f"config.train.rollout_batch_size = {c.train.rollout_batch_size}")
     return Prompts(ids, mask, texts, report)
 
 

@@ -85,7 +85,7 @@ def train(config, workdir: str, extra_metrics: dict[str, Callable] | None = None
         with open(os.path.join(workdir, f"config.step{start}.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir, config.logging.tensorboard, config.logging.wandb, config.logging.wandb_project,
-                          config.to_dict(), enabled=is_main)
+                          config.to_dict(), enabled=is_main, resumed_at=start)
     end = min(num_iterations or config.train.num_iterations, config.train.num_iterations)
     history = []
     bar = None

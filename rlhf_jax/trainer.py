@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.config import validate, validate_lengths
+from rlhf_jax.config import ConfigError, validate, validate_lengths
 from rlhf_jax.data import PromptIterator
-from rlhf_jax.loading import load_callable, load_models, load_prompts, load_tokenizer
+from rlhf_jax.loading import check_folders, load_callable, load_models, load_prompts, load_tokenizer
 from rlhf_jax.models.lora import save_adapters
 from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.rollout import join, make_rollout, sequence_logprobs
@@ -45,8 +45,14 @@ class PPOTrainer:
 
     def __init__(self, config, workdir: str | None = None, extra_metrics: dict[str, Callable] | None = None):
         validate(config)
-        self.mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        try:
+            self.mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        except ValueError as e:
+            raise ConfigError(f"config.mesh: {e}") from None
         validate(config, num_devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        check_folders(config)
+        # Before anything loads or compiles: a reward that cannot be found is a one-line error.
+        self.reward_fn = load_callable(config.reward.function) if config.reward.kind == "function" else None
         self.config = config
         self.workdir = workdir
         self.extra_metrics = extra_metrics or {}
@@ -65,7 +71,6 @@ class PPOTrainer:
         if not self.shared_value:
             self._initial_params["value"] = models.value_params
 
-        self.reward_fn = load_callable(config.reward.function) if config.reward.kind == "function" else None
         prompts = load_prompts(config, self.tokenizer)
         self.prompt_ids, self.prompt_mask, self.prompt_texts = prompts.ids, prompts.mask, prompts.texts
         self.prompt_report = prompts.report

@@ -91,6 +91,24 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     assert any(name.startswith("4.corrupt-") for name in leftovers), leftovers
 
 
+def test_flipped_byte_in_checkpoint_data_is_caught_by_its_checksums(tmp_path, caplog):
+    """A flip that leaves the file readable and the values finite: only the saved checksums see it."""
+    config = tiny_config(train__num_iterations=4, checkpoint__every=2)
+    train(config, str(tmp_path), num_iterations=4)
+    files = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "checkpoints" / "4" / "state")
+             for name in names]
+    biggest = max(files, key=os.path.getsize)
+    data = bytearray(open(biggest, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(biggest, "wb").write(bytes(data))
+    config.train.num_iterations = 5
+    with caplog.at_level("WARNING", logger="rlhf_jax.checkpoint"):
+        _, state, history = train(config, str(tmp_path))
+    assert int(state.step) == 5 and len(history) == 3  # resumed from 2
+    assert "does not match the checksums saved with it" in caplog.text
+    assert any(name.startswith("4.corrupt-") for name in os.listdir(tmp_path / "checkpoints"))
+
+
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "rlhf_jax.train", *args], cwd=ROOT, env=env,

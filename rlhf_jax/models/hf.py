@@ -172,10 +172,16 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
             "(only safetensors checkpoints are read; convert .bin files first)")
     tensors = {}
     for name in files:
-        # "flax" keeps bf16 tensors as bf16 (numpy has no bf16).
-        with safe_open(os.path.join(path, name), framework="flax") as f:
-            for key in f.keys():
-                tensors[key] = np.asarray(f.get_tensor(key))
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: listed in model.safetensors.index.json but missing")
+        try:
+            # "flax" keeps bf16 tensors as bf16 (numpy has no bf16).
+            with safe_open(file, framework="flax") as f:
+                for key in f.keys():
+                    tensors[key] = np.asarray(f.get_tensor(key))
+        except Exception as e:  # the safetensors reader's errors name neither the file nor the tensor
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     return tensors
 
 
@@ -200,7 +206,13 @@ def read_hf_config(path: str) -> dict:
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no config.json in {path!r}: not a Hugging Face model folder")
     with open(config_file) as f:
-        return json.load(f)
+        try:
+            config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
+    return config
 
 
 def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = False,
