@@ -98,16 +98,35 @@ def _groups(scores, group_size: int):
     return scores.reshape(-1, group_size)
 
 
-def grpo_advantages(scores, group_size: int, eps: float = 1e-4):
+def grpo_advantages(scores, group_size: int, eps: float = 1e-4, scale_by_std: bool = True):
     """(score - group mean) / (group std + eps), rows grouped consecutively by prompt.
 
     scores: f32[batch] with batch = n_prompts * group_size -> f32[batch]. The std is
-    the unbiased one (as torch.std in the GRPO reference code).
+    the unbiased one (as torch.std in the GRPO reference code). `scale_by_std=False` keeps the
+    centred scores (Dr. GRPO: the std division weights easy and hard prompts unequally).
     """
     groups = _groups(scores, group_size)
-    mean = groups.mean(axis=1, keepdims=True)
-    std = groups.std(axis=1, ddof=1, keepdims=True)
-    return ((groups - mean) / (std + eps)).reshape(-1)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    if scale_by_std:
+        centred = centred / (groups.std(axis=1, ddof=1, keepdims=True) + eps)
+    return centred.reshape(-1)
+
+
+def zero_std_groups(scores, group_size: int):
+    """bool[batch]: rows whose group's scores are all equal (no learning signal: DAPO's dynamic
+    sampling drops them)."""
+    groups = _groups(scores, group_size)
+    same = jnp.all(groups == groups[:, :1], axis=1, keepdims=True)
+    return jnp.broadcast_to(same, groups.shape).reshape(-1)
+
+
+def overlong_penalty(lengths, max_len: int, buffer: int, penalty: float = 1.0):
+    """DAPO's soft overlong punishment, f32[batch]: 0 up to max_len - buffer tokens, then falling
+    linearly to -penalty at max_len (the sampler's limit)."""
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong buffer {buffer} must be in (0, max_len = {max_len}]")
+    excess = lengths.astype(jnp.float32) - (max_len - buffer)
+    return -penalty * jnp.clip(excess / buffer, 0.0, 1.0)
 
 
 def rloo_advantages(scores, group_size: int):

@@ -61,6 +61,50 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, aggr
     return loss, stats
 
 
+def clipped_pg_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float, clip_high: float,
+                    level: str = "token", aggregation: str = "token", max_len: int | None = None, weights=None):
+    """The clipped surrogate of the value-free algorithms, with their published variations.
+
+    advantages: f32[batch] (one per sequence, as group baselines give) or f32[batch, response_len].
+    clip_low / clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO's clip-higher
+    when clip_high > clip_low). level "token": a ratio per token (PPO, GRPO, DAPO); "sequence": one
+    per sequence, exp of the mean log-ratio over its tokens (GSPO), applied to each of its tokens.
+    aggregation "token": mean over every token of the batch (DAPO); "sequence": each row's mean, then
+    the mean over rows (GRPO); "constant": the sum over tokens divided by batch x `max_len` (Dr. GRPO:
+    no length bias). weights: per-token factors (the sampler correction), or None.
+    Returns (loss, stats): clip_ratio/low_mean (ratio below 1 - clip_low where A < 0), high_mean
+    (above 1 + clip_high where A > 0), region_mean (either), approxkl.
+    """
+    mask = mask.astype(bool)
+    if advantages.ndim == 1:
+        advantages = jnp.broadcast_to(advantages[:, None], mask.shape)
+    chex.assert_equal_shape([logprobs, old_logprobs, advantages, mask])
+    log_ratio = jnp.where(mask, logprobs - old_logprobs, 0.0)
+    if level == "sequence":
+        seq = masked_mean(log_ratio, mask, axis=-1)
+        # GSPO-token: the sequence's ratio in value, each token's log-prob in the gradient.
+        log_ratio = jax.lax.stop_gradient(seq)[:, None] + logprobs - jax.lax.stop_gradient(logprobs)
+    elif level != "token":
+        raise ValueError(f"unknown ratio level {level!r}; choose 'token' or 'sequence'")
+    ratio = jnp.exp(log_ratio)
+    surrogate = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high))
+    if weights is not None:
+        surrogate = weights * surrogate
+    if aggregation == "constant":
+        if not max_len:
+            raise ValueError("aggregation 'constant' needs max_len (the response length limit)")
+        loss = jnp.sum(jnp.where(mask, surrogate, 0.0)) / (mask.shape[0] * max_len)
+    else:
+        loss = aggregate(surrogate, mask, aggregation)
+    low = (ratio < 1.0 - clip_low) & (advantages < 0)
+    high = (ratio > 1.0 + clip_high) & (advantages > 0)
+    stats = {"clip_ratio/low_mean": masked_mean(low.astype(jnp.float32), mask),
+             "clip_ratio/high_mean": masked_mean(high.astype(jnp.float32), mask),
+             "clip_ratio/region_mean": masked_mean((low | high).astype(jnp.float32), mask),
+             "approxkl": 0.5 * masked_mean(jnp.square(logprobs - old_logprobs), mask)}
+    return loss, stats
+
+
 def value_loss(values, old_values, returns, mask, cliprange_value: float, aggregation: str = "token"):
     """0.5 * mean of max((v - R)^2, (v_clipped - R)^2), v_clipped = clip(v, old - eps, old + eps).
 

@@ -234,3 +234,71 @@ class TestJitVmapAgree(chex.TestCase):
             self._check(est, rewards, values)
         self._check(lambda s: adv_lib.grpo_advantages(s, 2), scores)
         self._check(lambda s: adv_lib.rloo_advantages(s, 2), scores)
+
+
+# ---------------------------------------------------------------- value-free building blocks (GRPO and friends)
+def test_group_baselines_zero_std_groups_and_overlong_penalty():
+    scores = np.array([1.0, 2.0, 4.0, 3.0, 3.0, 3.0], np.float32)
+    centred = np.asarray(adv_lib.grpo_advantages(jnp.asarray(scores), 3, scale_by_std=False))
+    np.testing.assert_allclose(centred, [-4 / 3, -1 / 3, 5 / 3, 0, 0, 0], rtol=1e-6)  # Dr. GRPO: no std
+    np.testing.assert_array_equal(np.asarray(adv_lib.zero_std_groups(jnp.asarray(scores), 3)),
+                                  [False] * 3 + [True] * 3)
+    lengths = jnp.asarray([10, 12, 13, 15, 16])
+    np.testing.assert_allclose(np.asarray(adv_lib.overlong_penalty(lengths, 16, 4, 0.5)),
+                               [0, 0, -0.125, -0.375, -0.5], rtol=1e-6)
+
+
+def pg_loss_reference(logprobs, old, adv, mask, clip_low, clip_high, level, aggregation, max_len):
+    """A plain loop over rows and tokens."""
+    per_row, total, count = [], 0.0, 0
+    for i in range(mask.shape[0]):
+        tokens = [t for t in range(mask.shape[1]) if mask[i, t]]
+        seq_ratio = np.exp(np.mean([logprobs[i, t] - old[i, t] for t in tokens])) if tokens else 1.0
+        row = []
+        for t in tokens:
+            ratio = seq_ratio if level == "sequence" else np.exp(logprobs[i, t] - old[i, t])
+            a = adv[i]
+            row.append(max(-a * ratio, -a * min(max(ratio, 1 - clip_low), 1 + clip_high)))
+        total += sum(row)
+        count += len(row)
+        if row:
+            per_row.append(np.mean(row))
+    if aggregation == "token":
+        return total / count
+    if aggregation == "sequence":
+        return np.mean(per_row)
+    return total / (mask.shape[0] * max_len)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+def test_clipped_pg_loss_against_a_loop(level, aggregation):
+    logprobs, _, mask = ragged_batch(3)
+    rng = np.random.default_rng(4)
+    # A shift per row as well as per token: sequence-level ratios leave the clip range too.
+    old = logprobs + rng.normal(scale=0.3, size=logprobs.shape).astype(np.float32) + np.array(
+        [[0.0], [0.0], [0.5], [-0.5], [0.4], [-0.4]], np.float32)
+    adv = np.array([0.3, -1.0, 1.2, -0.7, -1.5, 0.9], np.float32)
+    loss, stats = ppo.clipped_pg_loss(jnp.asarray(logprobs), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                                      clip_low=0.2, clip_high=0.28, level=level, aggregation=aggregation,
+                                      max_len=mask.shape[1])
+    expected = pg_loss_reference(logprobs, old, adv, mask.astype(bool), 0.2, 0.28, level, aggregation, mask.shape[1])
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert 0 < float(stats["clip_ratio/region_mean"]) < 1  # the noise above clips some tokens, not all
+
+
+def test_sequence_ratio_gradient_is_gspo():
+    """Unclipped, GSPO's gradient: -A_i s_i / |y_i| on each token's log-prob (sequence aggregation)."""
+    logprobs, _, mask = ragged_batch(5)
+    old = logprobs + 0.01
+    adv = np.linspace(-1, 1, mask.shape[0]).astype(np.float32)
+    fn = lambda lp: ppo.clipped_pg_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), clip_low=0.5,
+                                        clip_high=0.5, level="sequence", aggregation="sequence")[0]
+    grad = np.asarray(jax.grad(fn)(jnp.asarray(logprobs)))
+    m = mask.astype(bool)
+    rows = [i for i in range(m.shape[0]) if m[i].any()]
+    for i in rows:
+        n = m[i].sum()
+        s = np.exp(np.mean((logprobs - old)[i][m[i]]))
+        np.testing.assert_allclose(grad[i][m[i]], -adv[i] * s / n / len(rows), rtol=1e-4)
+    assert np.all(grad[~m] == 0)
