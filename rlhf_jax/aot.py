@@ -22,7 +22,9 @@ from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel
 from rlhf_jax.models.lora import TRAINABLE, with_lora
 from rlhf_jax.rollout import make_rollout
 from rlhf_jax.sharding import batch_sharding, param_shardings, replicated, state_shardings
-from rlhf_jax.update import init_train_state, make_optimizer, make_ppo_update
+from rlhf_jax.config import uses_value
+from rlhf_jax.update import init_train_state, make_optimizer
+from rlhf_jax.value_free import make_update
 
 
 def with_shardings(tree, shardings):
@@ -61,7 +63,8 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     The batch is `config.train.rollout_batch_size` prompts of `config.data.max_prompt_len` tokens. A
     learned reward model (`config.reward.kind = "model"`) has `reward_cfg` (default: the policy's).
     """
-    shared = config.model.value_model == "shared"
+    value = uses_value(config)
+    shared = value and config.model.value_model == "shared"
     lora = bool(config.lora.enabled)
     base_cfg = model_cfg.replace(lora_rank=0, lora_targets=())  # the reference, value and reward models
 
@@ -82,7 +85,7 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
 
     params = {"policy": trainable}
     value_graphdef = None
-    if not shared:
+    if value and not shared:
         value_graphdef, value_params = nnx.split(nnx.eval_shape(
             lambda: ScalarModel(base_cfg, rngs=nnx.Rngs(0))))
         params["value"] = _sharded_params(value_params, mesh)
@@ -107,8 +110,8 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     rollout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.ndim)),
                            rollout)
     scores = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=batch_sharding(mesh, 1))
-    update_fn = make_ppo_update(config, policy_graphdef=policy_graphdef, ref_graphdef=ref_graphdef,
-                                value_graphdef=value_graphdef, eos_ids=eos_ids, optimizer=optimizer, mesh=mesh)
+    update_fn = make_update(config, policy_graphdef=policy_graphdef, ref_graphdef=ref_graphdef,
+                            value_graphdef=value_graphdef, eos_ids=eos_ids, optimizer=optimizer, mesh=mesh)
     resident = {"state": state, "frozen": frozen, "reference": ref_copy, "reward": reward_params}
     return AbstractIteration(rollout_fn, update_fn, rollout_args, rollout_kwargs,
                              (state, rollout, scores, frozen, ref_params), resident)

@@ -17,6 +17,9 @@ ESTIMATORS = ("k1", "k2", "k3")
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # "ppo" (a value model or head, GAE), or value-free with a group baseline over train.num_generations
+    # samples per prompt: "grpo" (with Dr. GRPO, DAPO and GSPO as ppo.* options), "rloo", "reinforce_pp".
+    c.algorithm = "ppo"
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # a local HF folder (config.json + safetensors); empty: the built-in architecture below
@@ -77,13 +80,21 @@ def base_config() -> ml_collections.ConfigDict:
         old_logprobs="auto",
         # Importance weights pi_trainer / pi_sampler on the policy loss (see ppo.sampler_weights):
         # "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"; cap C > 1.
-        sampler_correction="none", sampler_correction_cap=3.0))
+        sampler_correction="none", sampler_correction_cap=3.0,
+        # Value-free algorithms: the ratio is clipped to [1 - cliprange, 1 + cliprange_high] (0: cliprange);
+        # ratio_level "token" or "sequence" (GSPO); loss_aggregation may also be "constant" (Dr. GRPO);
+        # scale_rewards_by_std False: Dr. GRPO; mask_zero_std_groups: DAPO's dynamic sampling (no refill);
+        # overlong_buffer > 0: DAPO's soft penalty, up to overlong_penalty, over the last that many tokens.
+        cliprange_high=0.0, ratio_level="token", scale_rewards_by_std=True, mask_zero_std_groups=False,
+        overlong_buffer=0, overlong_penalty=1.0))
 
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, schedule="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
         b1=0.9, b2=0.999, eps=1e-8))
 
-    c.train = ml_collections.ConfigDict(dict(rollout_batch_size=16, num_iterations=10, on_nonfinite="stop"))
+    # rollout_batch_size counts responses: rollout_batch_size / num_generations prompts per iteration.
+    c.train = ml_collections.ConfigDict(dict(rollout_batch_size=16, num_iterations=10, on_nonfinite="stop",
+                                             num_generations=1))
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=0, max_to_keep=3, async_save=True))
 
@@ -149,7 +160,23 @@ def validate(config, num_devices: int = 1) -> None:
     _choice(config, "data.truncation", ("left", "reject"))
     _choice(config, "ppo.kl_estimator", ESTIMATORS)
     _choice(config, "ppo.kl_loss_estimator", ESTIMATORS)
-    _choice(config, "ppo.loss_aggregation", ("token", "sequence"))
+    _choice(config, "algorithm", ("ppo", "grpo", "rloo", "reinforce_pp"))
+    _choice(config, "ppo.loss_aggregation", ("token", "sequence") if config.algorithm == "ppo"
+            else ("token", "sequence", "constant"))
+    _choice(config, "ppo.ratio_level", ("token", "sequence"))
+    _positive(config, "train.num_generations")
+    _positive(config, "ppo.cliprange_high", allow_zero=True)
+    _positive(config, "ppo.overlong_buffer", allow_zero=True)
+    if config.ppo.overlong_buffer > config.sampling.max_new_tokens:
+        raise ConfigError(f"config.ppo.overlong_buffer = {config.ppo.overlong_buffer} exceeds "
+                          f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens}")
+    generations = config.train.num_generations
+    if config.algorithm in ("grpo", "rloo") and generations < 2:
+        raise ConfigError(f"config.algorithm = {config.algorithm!r} needs config.train.num_generations >= 2 "
+                          "(the group baseline)")
+    if config.train.rollout_batch_size % generations:
+        raise ConfigError(f"config.train.rollout_batch_size = {config.train.rollout_batch_size} is not a multiple "
+                          f"of config.train.num_generations = {generations}")
     _choice(config, "ppo.old_logprobs", ("auto", "recompute", "sampler"))
     from rlhf_jax.ppo import SAMPLER_CORRECTIONS
     _choice(config, "ppo.sampler_correction", SAMPLER_CORRECTIONS)
@@ -227,3 +254,8 @@ def validate_lengths(config, max_positions: int) -> None:
             f"config.data.max_prompt_len + config.sampling.max_new_tokens = {config.data.max_prompt_len} + "
             f"{config.sampling.max_new_tokens} = {total} exceeds the model's {max_positions} positions "
             "(max_position_embeddings)")
+
+
+def uses_value(config) -> bool:
+    """Whether the run has a value model or head (PPO); the value-free algorithms build none."""
+    return config.algorithm == "ppo"

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhf_jax.config import ConfigError, validate_tokenizer
+from rlhf_jax.config import ConfigError, uses_value, validate_tokenizer
 from rlhf_jax.data import read_prompts, tokenize_prompts
 from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel, load_pretrained
 from rlhf_jax.models.hf import config_from_hf, read_hf_config
@@ -206,7 +206,8 @@ def _value_model(config, policy: CausalLM, mesh) -> ScalarModel:
 def load_models(config, mesh, vocab_size: int) -> Models:
     """Every model of a run, split into graphdefs and params on `mesh`."""
     c = config
-    shared = c.model.value_model == "shared"
+    value = uses_value(c)
+    shared = value and c.model.value_model == "shared"
     lora = bool(c.lora.enabled)
     policy = _policy(c, mesh, vocab_size, value_head=shared)
     # Trainable params go into the train state; the frozen rest (the LoRA base) is held once, outside it.
@@ -217,7 +218,7 @@ def load_models(config, mesh, vocab_size: int) -> Models:
             c.model.reference_path, value_head=shared, dtype=c.model.dtype, param_dtype=c.model.param_dtype))
 
     value_graphdef = value_params = None
-    if not shared:
+    if value and not shared:
         value_graphdef, value_params = nnx.split(_value_model(c, policy, mesh))
 
     place = lambda tree: shard_like(tree, param_shardings(tree, mesh))

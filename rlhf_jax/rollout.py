@@ -96,7 +96,7 @@ def make_rollout(config, *, policy_graphdef, reward_graphdef=None, eos_ids: Sequ
     gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                       eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                       transposed_kernels=None if mesh is None else mesh.devices.flat[0].platform == "cpu")
-    with_values = config.model.value_model == "shared"
+    with_values = config.algorithm == "ppo" and config.model.value_model == "shared"
 
     def rollout(policy_params, prompt_ids, prompt_mask, key, reward_params=None):
         out = generate(policy_graphdef, cast_floats(policy_params, param_dtype), prompt_ids, prompt_mask, key,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.config import ConfigError, validate, validate_lengths
+from rlhf_jax.config import ConfigError, uses_value, validate, validate_lengths
 from rlhf_jax.data import PromptIterator
 from rlhf_jax.loading import check_folders, load_callable, load_models, load_prompts, load_tokenizer
 from rlhf_jax.models.lora import save_adapters
@@ -31,7 +31,8 @@ from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.rollout import join, make_rollout, sequence_logprobs
 from rlhf_jax.sampling import generate
 from rlhf_jax.sharding import BATCH_AXES, batch_sharding, make_mesh, replicated, state_shardings
-from rlhf_jax.update import TrainState, init_train_state, make_optimizer, make_ppo_update
+from rlhf_jax.update import TrainState, init_train_state, make_optimizer
+from rlhf_jax.value_free import make_update
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(config, workdir)
         self.eos_ids = (int(self.tokenizer.eos_token_id),)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.shared_value = config.model.value_model == "shared"
+        self.shared_value = uses_value(config) and config.model.value_model == "shared"
         self.lora = bool(config.lora.enabled)
 
         models = load_models(config, self.mesh, len(self.tokenizer))
@@ -68,19 +69,22 @@ class PPOTrainer:
         self.value_graphdef, self.rm_graphdef = models.value_graphdef, models.reward_graphdef
         self.frozen, self.ref_params, self.rm_params = models.frozen, models.ref_params, models.reward_params
         self._initial_params = {"policy": models.policy_params}
-        if not self.shared_value:
+        if models.value_params is not None:
             self._initial_params["value"] = models.value_params
 
         prompts = load_prompts(config, self.tokenizer)
         self.prompt_ids, self.prompt_mask, self.prompt_texts = prompts.ids, prompts.mask, prompts.texts
         self.prompt_report = prompts.report
-        self.iterator = PromptIterator(len(self.prompt_texts), config.train.rollout_batch_size, config.seed,
-                                       jax.process_index(), jax.process_count())
+        # Prompts per iteration; each is sampled num_generations times, the samples of one prompt side by
+        # side in this host's rows (a group never spans hosts, and stays consecutive in the global batch).
+        self.generations = config.train.num_generations
+        self.iterator = PromptIterator(len(self.prompt_texts), config.train.rollout_batch_size // self.generations,
+                                       config.seed, jax.process_index(), jax.process_count())
         self.optimizer = make_optimizer(config)
         self.rollout_fn = self.make_rollout_fn(self.eos_ids)
-        self.update_fn = make_ppo_update(config, policy_graphdef=self.policy_graphdef, ref_graphdef=self.ref_graphdef,
-                                         value_graphdef=self.value_graphdef, eos_ids=self.eos_ids,
-                                         optimizer=self.optimizer, mesh=self.mesh)
+        self.update_fn = make_update(config, policy_graphdef=self.policy_graphdef, ref_graphdef=self.ref_graphdef,
+                                     value_graphdef=self.value_graphdef, eos_ids=self.eos_ids,
+                                     optimizer=self.optimizer, mesh=self.mesh)
         self._reference_logprobs = jax.jit(sequence_logprobs, static_argnames=("graphdef", "temperature"))
         if self.rm_graphdef is not None:
             rm_graphdef = self.rm_graphdef
@@ -213,7 +217,7 @@ class PPOTrainer:
         timings = {}
         t0 = time.perf_counter()
         self.iterator.restore({"epoch": int(state.data_epoch), "offset": int(state.data_offset)})
-        index = self.iterator.next()
+        index = np.repeat(self.iterator.next(), self.generations)
         prompt_ids = self.to_device_batch(self.prompt_ids[index])
         prompt_mask = self.to_device_batch(self.prompt_mask[index])
         rollout = self.rollout_fn(self.policy_params(state), prompt_ids, prompt_mask, jax.random.fold_in(state.key, 1),

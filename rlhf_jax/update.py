@@ -125,8 +125,9 @@ class _Forward:
     """The training forward of a run's policy (and reference, and value model), shared by the loss and
     the scoring pass so that both are one program: on equal params and rows, equal bits."""
 
-    def __init__(self, config, policy_graphdef, ref_graphdef, value_graphdef, mesh):
+    def __init__(self, config, policy_graphdef, ref_graphdef, value_graphdef, mesh, value_head: bool = True):
         m = config.model
+        self.value_head = value_head
         self.policy_graphdef, self.ref_graphdef, self.value_graphdef = policy_graphdef, ref_graphdef, value_graphdef
         self.param_dtype = jnp.dtype(m.param_dtype)
         self.temperature, self.logits_chunk = config.sampling.temperature, m.logits_chunk
@@ -150,6 +151,8 @@ class _Forward:
         def forward(params, mb):
             model = self.policy(params, frozen)
             hidden = self.hidden(model, mb)
+            if not self.value_head:
+                return hidden, None
             if self.value_graphdef is None:
                 return hidden, model.values(hidden)
             ids, mask = join(mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
@@ -164,20 +167,24 @@ class _Forward:
         return lm_token_stats(hidden, tokens, temperature=self.temperature, head=head,
                               logits_chunk=self.logits_chunk)[0]
 
-    def score(self, params, frozen, reference, batch, order, *, policy: bool, values: bool):
-        """The reference's log-probs ("ref_logprobs") and, if asked, the policy's ("logprobs") and its
-        values ("values") for a rollout `batch`, one minibatch of `order` (int32[minibatches, rows]) at
-        a time, returned in row order."""
+    def score(self, params, frozen, reference, batch, order, *, policy: bool, values: bool, ref: bool = True):
+        """The reference's log-probs ("ref_logprobs", if `ref`) and, if asked, the policy's ("logprobs")
+        and its values ("values") for a rollout `batch`, one minibatch of `order` (int32[minibatches,
+        rows]) at a time, returned in row order."""
         forward = self.forward(frozen)
 
         def one(indices):
             mb = jax.tree.map(lambda x: x[indices], batch)
             if self.shard_batch is not None:
                 mb = jax.tree.map(self.shard_batch, mb)
-            ref_model = nnx.merge(self.ref_graphdef, reference)
-            out = {"ref_logprobs": self.logprobs(self.hidden(ref_model, mb), mb["response_ids"], ref_model.logits)}
+            out = {}
+            if ref:
+                ref_model = nnx.merge(self.ref_graphdef, reference)
+                out["ref_logprobs"] = self.logprobs(self.hidden(ref_model, mb), mb["response_ids"], ref_model.logits)
             if policy or values:
-                hidden, out["values"] = forward(params, mb)
+                hidden, value_out = forward(params, mb)
+                if values:
+                    out["values"] = value_out
                 if policy:
                     out["logprobs"] = self.logprobs(hidden, mb["response_ids"],
                                                     lambda h: self.head(frozen)(params, h))

@@ -190,3 +190,17 @@ def test_bf16_step0_kl_and_ratios_are_exact_on_a_2x4_mesh(tmp_path):
     _, metrics, _ = trainer.iteration(trainer.init_state())
     assert metrics["objective/kl"] == 0.0 and metrics["policy/approxkl_avg"] == 0.0
     assert metrics["sampling/sampling_logp_difference/max"] > 0  # while the sampler's differ
+
+
+def test_grpo_groups_on_a_data8_mesh_match_one_device(tmp_path):
+    """4 samples of each prompt are one group whatever the mesh: a GRPO iteration on data=8 (a group
+    spans two devices) gives one device's metrics."""
+    def grpo(data):
+        c = mesh_config(data)
+        c.algorithm, c.train.num_generations = "grpo", 4
+        c.ppo.update(kl_in_loss=True, kl_loss_estimator="k3")
+        return c
+    _, _, one = one_iteration(grpo(1), tmp_path / "one")
+    _, _, eight = one_iteration(grpo(8), tmp_path / "eight")
+    for key in ("objective/scores", "reward/std", "frac_reward_zero_std", "loss", "completions/mean_length"):
+        assert eight[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
