@@ -77,11 +77,8 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     policy_graphdef, trainable, frozen = nnx.split(nnx.eval_shape(build_policy), TRAINABLE if lora else nnx.Param,
                                                    ...)
     trainable, frozen = _sharded_params(trainable, mesh), _sharded_params(frozen, mesh)
-    policy_params = nnx.merge_state(trainable, frozen)
-    # The reference: the policy's graph over a copy of its params (with LoRA: the frozen base itself
-    # plus a snapshot of the adapters).
-    ref_graphdef, ref_params = policy_graphdef, policy_params
-    ref_copy = trainable if lora else ref_params
+    # The reference: the policy's graph over a snapshot of its trainable part and the very frozen rest.
+    ref_graphdef, ref_snapshot = policy_graphdef, trainable
 
     params = {"policy": trainable}
     value_graphdef = None
@@ -112,6 +109,6 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     scores = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=batch_sharding(mesh, 1))
     update_fn = make_update(config, policy_graphdef=policy_graphdef, ref_graphdef=ref_graphdef,
                             value_graphdef=value_graphdef, eos_ids=eos_ids, optimizer=optimizer, mesh=mesh)
-    resident = {"state": state, "frozen": frozen, "reference": ref_copy, "reward": reward_params}
+    resident = {"state": state, "frozen": frozen, "reference": ref_snapshot, "reward": reward_params}
     return AbstractIteration(rollout_fn, update_fn, rollout_args, rollout_kwargs,
-                             (state, rollout, scores, frozen, ref_params), resident)
+                             (state, rollout, scores, frozen, ref_snapshot), resident)

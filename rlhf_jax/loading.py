@@ -155,7 +155,9 @@ class Models:
 
     policy_params: the trainable part (the whole policy, or the LoRA adapters and a value head);
     frozen: the rest of the policy (the LoRA base; empty without LoRA), held once;
-    ref_params: the reference policy (for a bare-base LoRA reference, the very buffers of `frozen`);
+    ref_params: the whole reference policy (sharing `frozen`'s buffers where it is the policy's graph);
+    ref_trainable: what the update takes as the reference on the policy's graph: a snapshot of the
+      trainable part (None with `model.reference_path`, whose whole params are `ref_params`);
     value_params / reward_params: a separate value model and a learned reward model, or None.
     """
 
@@ -165,6 +167,7 @@ class Models:
     policy_params: Any
     frozen: Any
     ref_params: Any
+    ref_trainable: Any = None
     value_graphdef: Any = None
     value_params: Any = None
     reward_graphdef: Any = None
@@ -213,7 +216,7 @@ def load_models(config, mesh, vocab_size: int) -> Models:
     # Trainable params go into the train state; the frozen rest (the LoRA base) is held once, outside it.
     policy_graphdef, policy_params, frozen = nnx.split(policy, TRAINABLE if lora else nnx.Param, ...)
     ref_graphdef, ref_params = policy_graphdef, None
-    if c.model.reference_path:
+    if c.model.reference_path:  # another model: its own graph and whole params
         ref_graphdef, ref_params = nnx.split(load_pretrained(
             c.model.reference_path, value_head=shared, dtype=c.model.dtype, param_dtype=c.model.param_dtype))
 
@@ -224,20 +227,20 @@ def load_models(config, mesh, vocab_size: int) -> Models:
     place = lambda tree: shard_like(tree, param_shardings(tree, mesh))
     frozen, policy_params = place(frozen), place(policy_params)
     value_params = None if value_params is None else place(value_params)
+    ref_trainable = None
     if ref_params is not None:
         ref_params = place(ref_params)
-    elif not lora:
-        # A copy, not an alias: the policy's buffers are donated to the update.
-        ref_params = jax.tree.map(jnp.copy, nnx.merge_state(policy_params, frozen))
     else:
-        # The policy as RL starts, through the policy's own program: the very base buffers plus a frozen
-        # snapshot of the adapters (fresh ones have B = 0: the base with the adapters off, and bit for bit
-        # the policy's step-0 forward; a graph without adapters rounds differently in bf16).
-        ref_params = nnx.merge_state(jax.tree.map(jnp.copy, policy_params), frozen)
+        # The policy as RL starts, through the policy's own program: a snapshot of the trainable part (a
+        # copy, as the policy's buffers are donated to the update) over the very frozen buffers. Fresh
+        # LoRA adapters have B = 0: the base with the adapters off, bit for bit the policy's step-0
+        # forward (a graph without adapters rounds differently in bf16).
+        ref_trainable = jax.tree.map(jnp.copy, policy_params)
+        ref_params = nnx.merge_state(ref_trainable, frozen)
 
     reward_graphdef = reward_params = None
     if c.reward.kind == "model":
         reward_graphdef, reward_params = nnx.split(load_pretrained(
             c.reward.model_path, kind="scalar", dtype=c.model.dtype, mesh=mesh))
-    return Models(policy.cfg, policy_graphdef, ref_graphdef, policy_params, frozen, ref_params, value_graphdef,
-                  value_params, reward_graphdef, reward_params)
+    return Models(policy.cfg, policy_graphdef, ref_graphdef, policy_params, frozen, ref_params, ref_trainable,
+                  value_graphdef, value_params, reward_graphdef, reward_params)

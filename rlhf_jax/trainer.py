@@ -68,6 +68,8 @@ class PPOTrainer:
         self.policy_graphdef, self.ref_graphdef = models.policy_graphdef, models.ref_graphdef
         self.value_graphdef, self.rm_graphdef = models.value_graphdef, models.reward_graphdef
         self.frozen, self.ref_params, self.rm_params = models.frozen, models.ref_params, models.reward_params
+        # What the update takes as the reference: on the policy's graph, the snapshot of its trainable part.
+        self.update_reference = models.ref_params if models.ref_trainable is None else models.ref_trainable
         self._initial_params = {"policy": models.policy_params}
         if models.value_params is not None:
             self._initial_params["value"] = models.value_params
@@ -256,7 +258,7 @@ class PPOTrainer:
         timings["time/reward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        state, metrics = self.update_fn(state, rollout, device_scores, self.frozen, self.ref_params)
+        state, metrics = self.update_fn(state, rollout, device_scores, self.frozen, self.update_reference)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         timings["time/update"] = time.perf_counter() - t0
 

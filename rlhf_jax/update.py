@@ -160,6 +160,14 @@ class _Forward:
                                            mask, mb["response_ids"].shape[1], **self.backbone_options)
         return forward
 
+    def reference(self, reference, frozen):
+        """The reference model. On the policy's own graph with a frozen part (LoRA), `reference` is a
+        snapshot of the trainable part only, over the very frozen buffers: passing the base twice
+        would make XLA budget it twice."""
+        if self.ref_graphdef is self.policy_graphdef and frozen is not None:
+            return nnx.merge(self.ref_graphdef, cast_floats(reference, self.param_dtype), frozen)
+        return nnx.merge(self.ref_graphdef, reference)
+
     def head(self, frozen):
         return lambda params, hidden: self.policy(params, frozen).logits(hidden)
 
@@ -179,7 +187,7 @@ class _Forward:
                 mb = jax.tree.map(self.shard_batch, mb)
             out = {}
             if ref:
-                ref_model = nnx.merge(self.ref_graphdef, reference)
+                ref_model = self.reference(reference, frozen)
                 out["ref_logprobs"] = self.logprobs(self.hidden(ref_model, mb), mb["response_ids"], ref_model.logits)
             if policy or values:
                 hidden, value_out = forward(params, mb)
@@ -219,7 +227,8 @@ def make_ppo_update(config, *, policy_graphdef, ref_graphdef=None, value_graphde
 
     Reads `config.ppo`, `config.reward` (scale, bias, normalize), `config.sampling.temperature` and
     `config.model` (param_dtype and the memory levers remat, logits_chunk, shard_activations).
-    `reference`: the reference policy's params, for `ref_graphdef` (default: the policy's graphdef).
+    `reference`: the reference policy's params, for `ref_graphdef` (default: the policy's graphdef; then,
+    with `frozen`, a snapshot of the trainable part only, merged with `frozen`).
     `frozen`: the policy's params outside the state (a LoRA base), merged in for the forward.
     `scores`: f32[b], one per rollout row. `value_graphdef`: a separate value model (its params are
     `state.params["value"]`); without it the policy's value head serves. `eos_ids` serve the

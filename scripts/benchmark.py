@@ -129,7 +129,7 @@ def run_ours(args) -> dict:
     rollout_kwargs = dict(reward_params=trainer.rm_params)
     rollout = trainer.rollout_fn(*rollout_args, **rollout_kwargs)
     scores = trainer.to_device_batch(jnp.zeros((args.batch,), jnp.float32))
-    update_flops = compiled_flops(trainer.update_fn, state, rollout, scores, trainer.frozen, trainer.ref_params)
+    update_flops = compiled_flops(trainer.update_fn, state, rollout, scores, trainer.frozen, trainer.update_reference)
     # The decode loop's body counts once in the cost analysis: add the other max_new_tokens - 1 steps
     # at about 2 x params FLOPs per token.
     n_params = sum(x.size for x in jax.tree.leaves(trainer.ref_params))

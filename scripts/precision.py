@@ -59,7 +59,7 @@ def gap_row(trainer, state, new_tokens: int) -> dict:
     rollout = trainer.rollout_fn(trainer.policy_params(state), prompt_ids, prompt_mask, jax.random.PRNGKey(0))
     score = make_scoring(c, policy_graphdef=trainer.policy_graphdef, ref_graphdef=trainer.ref_graphdef,
                          value_graphdef=trainer.value_graphdef, mesh=trainer.mesh)
-    scored = score(state.params, rollout, trainer.frozen, trainer.ref_params)
+    scored = score(state.params, rollout, trainer.frozen, trainer.update_reference)
     mask = np.asarray(rollout.response_mask).astype(bool)
     diff = (np.asarray(scored["logprobs"]) - np.asarray(rollout.logprobs))[mask].astype(np.float64)
     ratio = np.exp(diff)

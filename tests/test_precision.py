@@ -31,8 +31,8 @@ def setup(dtype: str, family: str, lora: bool, old_logprobs: str = "auto", **ppo
     if lora:
         model = with_lora(model, 4, 8.0, ("q_proj", "v_proj"))
         graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
-        # The reference as the trainer builds it: the base plus a snapshot of the fresh adapters (B = 0).
-        ref_graphdef, ref_params = graphdef, nnx.merge_state(jax.tree.map(jnp.copy, params), frozen)
+        # The reference as the trainer builds it: a snapshot of the fresh adapters (B = 0) over the base.
+        ref_graphdef, ref_params = graphdef, jax.tree.map(jnp.copy, params)
     else:
         graphdef, params = nnx.split(model)
         frozen, ref_graphdef, ref_params = None, graphdef, jax.tree.map(jnp.copy, params)

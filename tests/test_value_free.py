@@ -47,7 +47,7 @@ def test_one_iteration_without_a_value_model(tmp_path, algorithm, ppo):
     state = trainer.init_state()
     assert set(state.params) == {"policy"}
     assert not any("value_head" in str(path) for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0])
-    reference = trainer.ref_params if config.ppo.kl_coef else None  # kl_coef 0: never read
+    reference = trainer.update_reference if config.ppo.kl_coef else None  # kl_coef 0: never read
     rollout = trainer.rollout_fn(trainer.policy_params(state), trainer.to_device_batch(
         np.repeat(trainer.prompt_ids[:4], 4, axis=0)), trainer.to_device_batch(
         np.repeat(trainer.prompt_mask[:4], 4, axis=0)), jax.random.PRNGKey(0))
