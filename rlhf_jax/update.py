@@ -121,6 +121,12 @@ def resolve_old_logprobs(config) -> str:
     return mode
 
 
+def sequence_batch(rollout: Rollout) -> dict:
+    """The token arrays of a rollout that a training forward reads, as the minibatch dict."""
+    return {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+            "response_ids": rollout.response_ids, "response_mask": rollout.response_mask}
+
+
 class _Forward:
     """The training forward of a run's policy (and reference, and value model), shared by the loss and
     the scoring pass so that both are one program: on equal params and rows, equal bits."""
@@ -213,8 +219,7 @@ def make_scoring(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=N
     minibatches = config.ppo.num_mini_batches
 
     def score(params, rollout: Rollout, frozen=None, reference=None):
-        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                 "response_ids": rollout.response_ids, "response_mask": rollout.response_mask}
+        batch = sequence_batch(rollout)
         order = jnp.arange(rollout.prompt_ids.shape[0]).reshape(minibatches, -1)
         return fwd.score(params, frozen, reference, batch, order, policy=True, values=True)
 
@@ -261,8 +266,7 @@ def make_ppo_update(config, *, policy_graphdef, ref_graphdef=None, value_graphde
         scores, score_stats = normalize_scores(r.scale * scores + r.bias, state.score_stats, r.normalize)
         if p.missing_eos_penalty:
             scores = adv_lib.penalize_missing_eos(scores, rollout.response_ids, eos_ids, p.missing_eos_penalty)
-        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                 "response_ids": rollout.response_ids, "response_mask": rollout.response_mask}
+        batch = sequence_batch(rollout)
         key, update_key = jax.random.split(state.key)
         orders = minibatch_orders(update_key, mask.shape[0], p.num_ppo_epochs, p.num_mini_batches)
         scored = fwd.score(state.params, frozen, reference, batch, orders[0], policy=recompute,

@@ -24,7 +24,7 @@ from rlhf_jax.ops import masked_mean
 from rlhf_jax.ppo import clipped_pg_loss, kl_penalty_loss, lm_token_stats, minibatch_orders, ppo_update, sampler_weights
 from rlhf_jax.rollout import Rollout
 from rlhf_jax.update import (StateSharded, TrainState, _Forward, make_optimizer, make_ppo_update, normalize_scores,
-                             resolve_old_logprobs)
+                             resolve_old_logprobs, sequence_batch)
 
 ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
 
@@ -121,8 +121,7 @@ def make_value_free_update(config, *, policy_graphdef, ref_graphdef=None, eos_id
         if p.overlong_buffer:
             scores = scores + adv_lib.overlong_penalty(rollout.lengths, max_len, p.overlong_buffer,
                                                        p.overlong_penalty)
-        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                 "response_ids": rollout.response_ids, "response_mask": rollout.response_mask}
+        batch = sequence_batch(rollout)
         key, update_key = jax.random.split(state.key)
         orders = minibatch_orders(update_key, mask.shape[0], p.num_ppo_epochs, p.num_mini_batches)
         scored = fwd.score(state.params, frozen, reference, batch, orders[0], policy=recompute, values=False,
