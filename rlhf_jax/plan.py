@@ -9,6 +9,13 @@ No weights are created: the models are `nnx.eval_shape`d, and every argument is 
 (`pip install -e ".[tpu]"`), whose compile-only devices stand in for the slice. The last line
 printed is one JSON object; the exit status is 3 when a function does not fit.
 
+Time: each compiled program is read (`rlhf_jax.hlo`) for its FLOPs, HBM bytes and collective bytes
+per device, every loop counted as often as it runs (the decode loop once per new token), and put
+on a roofline (`rlhf_jax.roofline`): a lower bound per function and for the whole iteration, with
+the model-FLOPs utilisation it would reach. Without `--topology` each function also runs on the
+local devices (zeros for weights, every row decoded to the full length) and its measured seconds
+stand beside the estimate, on a roofline of this machine's measured matmul and memory speed.
+
 Memory per device counts everything resident while a function runs, not only its arguments: the
 train state (params and optimizer moments), the frozen LoRA base, the reference, the reward model,
 the rollout batch during the update, plus the function's temporaries and outputs (less the donated
@@ -27,6 +34,7 @@ import time
 import jax
 
 GIB = 2 ** 30
+MIB = 2 ** 20
 
 # (topology name prefix, libtpu topology name prefix, chip config, HBM GiB per chip): HBM as XLA
 # reports it when a program does not fit.
@@ -85,9 +93,10 @@ def _hbm_needed(message: str):
     return float(match.group(1)) * unit[match.group(2)], float(match.group(3)) * unit[match.group(4)]
 
 
-def compile_report(lowered_fn, resident_bytes: int, extra_bytes: int, hbm_gib: float | None) -> dict:
-    """Compile one function and measure it. `resident_bytes`: what stays on the device anyway (the
-    train state, frozen weights, reference, reward model); `extra_bytes`: its other arguments."""
+def compile_report(lowered_fn, resident_bytes: int, extra_bytes: int, hbm_gib: float | None, chip=None):
+    """Compile one function and measure it: (report, compiled or None when it does not fit).
+    `resident_bytes`: what stays on the device anyway (the train state, frozen weights, reference,
+    reward model); `extra_bytes`: its other arguments; `chip`: a `roofline.Chip` for the estimate."""
     t0 = time.perf_counter()
     try:
         compiled = lowered_fn().compile()
@@ -96,26 +105,51 @@ def compile_report(lowered_fn, resident_bytes: int, extra_bytes: int, hbm_gib: f
         if needed is None:
             raise
         return {"fits": False, "compile_s": time.perf_counter() - t0, "needed_gib": needed[0],
-                "hbm_gib": needed[1], "error": str(e).splitlines()[0][:300]}
+                "hbm_gib": needed[1], "error": str(e).splitlines()[0][:300]}, None
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     total = (resident_bytes + extra_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
              - mem.alias_size_in_bytes)
     report = {
         "argument_gib": mem.argument_size_in_bytes / GIB, "output_gib": mem.output_size_in_bytes / GIB,
         "alias_gib": mem.alias_size_in_bytes / GIB, "temp_gib": mem.temp_size_in_bytes / GIB,
         "total_gib": total / GIB, "hbm_gib": hbm_gib, "compile_s": compile_s,
-        "flops": float((cost or {}).get("flops", 0.0)),
     }
     report["fits"] = hbm_gib is None or report["total_gib"] <= hbm_gib
+    report.update(time_report(compiled.as_text(), chip))
+    return report, compiled
+
+
+def time_report(hlo_text: str, chip) -> dict:
+    """Per-device FLOPs, HBM traffic and collectives of a compiled program, its loops (one trip each),
+    and the roofline estimate on `chip` (None: no estimate)."""
+    from rlhf_jax.hlo import program_costs
+    from rlhf_jax.roofline import estimate
+
+    costs = program_costs(hlo_text)
+    report = {"flops": costs.flops, "hbm_traffic_gib": costs.hbm_bytes / GIB, "comm_gib": costs.comm_bytes / GIB,
+              "comm_gib_by_kind": {k: v / GIB for k, v in costs.comm_by_kind.items() if v},
+              "loops": [{"op_name": loop["op_name"], "trips": loop["trips"], "flops": loop["flops"],
+                         "hbm_traffic_mib": loop["hbm_bytes"] / MIB, "comm_mib": loop["comm_bytes"] / MIB}
+                        for loop in costs.loops]}
+    if costs.unknown_trip_counts:
+        report["unknown_trip_counts"] = costs.unknown_trip_counts
+    if chip is not None:
+        report.update(estimate(costs, chip))
     return report
 
 
-def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout", "update")) -> dict:
+def decode_loop(report: dict) -> dict | None:
+    """The rollout's decode loop among its loops (the sampler's while loop)."""
+    loops = [loop for loop in report.get("loops", ()) if loop["op_name"].endswith("jit(generate)/while")]
+    return max(loops, key=lambda loop: loop["trips"] or 0) if loops else None
+
+
+def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout", "update"),
+         measure: bool | None = None) -> dict:
     """Compile the rollout and the update of `config` (on `topology`, or the local devices) and
-    report each (or those named in `only`); see the module docstring."""
+    report each (or those named in `only`); see the module docstring. `measure` (default: without
+    a topology): also run each on the local devices and report the median seconds."""
     unknown = sorted(set(only) - {"rollout", "update"})
     if unknown or not only:
         raise PlanError(f"--only={','.join(only)}: name rollout and/or update")
@@ -123,28 +157,149 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
     from rlhf_jax.config import validate, validate_lengths
     from rlhf_jax.sharding import make_mesh
 
+    from rlhf_jax.roofline import CHIPS, measure_local_chip
+
     validate(config)
+    measure = not topology if measure is None else measure
+    if measure and topology:
+        raise PlanError("--measure runs the functions on the local devices: it cannot go with --topology")
     if topology:
         devices, hbm = topology_devices(topology)
+        chip = CHIPS[topology.partition(":")[0]]
     else:
         devices, hbm = jax.devices(), None
+        chip = measure_local_chip()
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     validate(config, num_devices=mesh.shape["data"] * mesh.shape["fsdp"])
     model_cfg = _model_config(config)
     validate_lengths(config, model_cfg.max_position_embeddings)
-    step = abstract_iteration(config, model_cfg, mesh)
+    # No EOS: every row decodes to max_new_tokens, the length the estimate counts.
+    step = abstract_iteration(config, model_cfg, mesh, eos_ids=())
     _, rollout, scores, _, _ = step.update_args
     resident = per_device_bytes(step.resident)
-    functions = {}
+    functions, compiled = {}, {}
     if "rollout" in only:
-        functions["rollout"] = compile_report(step.lower_rollout, resident, per_device_bytes(step.rollout_args[1:]),
-                                              hbm)
+        functions["rollout"], compiled["rollout"] = compile_report(
+            step.lower_rollout, resident, per_device_bytes(step.rollout_args[1:]), hbm, chip)
     if "update" in only:
-        functions["update"] = compile_report(step.lower_update, resident, per_device_bytes((rollout, scores)), hbm)
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(step.rollout_args[0]))
-    return {"topology": topology or jax.default_backend(), "devices": len(mesh.devices.flat),
-            "mesh": dict(mesh.shape), "policy_params": n_params,
-            "fits": all(f["fits"] for f in functions.values()), "functions": functions}
+        functions["update"], compiled["update"] = compile_report(
+            step.lower_update, resident, per_device_bytes((rollout, scores)), hbm, chip)
+    counts = param_counts(step.rollout_args[0])
+    n_params = sum(counts.values())
+    devices = len(mesh.devices.flat)
+    result = {"topology": topology or jax.default_backend(), "devices": devices,
+              "mesh": dict(mesh.shape), "policy_params": n_params,
+              "chip": {"peak_tflops": chip.peak_flops / 1e12, "hbm_gb_s": chip.hbm_bandwidth / 1e9,
+                       "ici_gb_s": chip.ici_bandwidth and chip.ici_bandwidth / 1e9, "source": chip.source},
+              "fits": all(f["fits"] for f in functions.values()), "functions": functions}
+    if "rollout" in functions and "error" not in functions["rollout"]:
+        _rollout_details(functions["rollout"])
+    model_flops = iteration_model_flops(config, model_cfg, counts)
+    for name, f in functions.items():
+        if "est_s" in f:
+            f["model_flops"] = model_flops[name]
+            f["est_mfu"] = model_flops[name] / devices / f["est_s"] / chip.peak_flops
+    if all("est_s" in functions.get(name, {}) for name in ("rollout", "update")):
+        seconds = functions["rollout"]["est_s"] + functions["update"]["est_s"]
+        tokens = config.train.rollout_batch_size * (config.data.max_prompt_len + config.sampling.max_new_tokens)
+        result["iteration"] = {"est_s": seconds, "tokens_per_s_per_chip": tokens / seconds / devices,
+                               "est_mfu": sum(model_flops.values()) / devices / seconds / chip.peak_flops}
+    if measure:
+        for name, seconds in measured_seconds(step, compiled).items():
+            f = functions[name]
+            f["measured_s"] = seconds
+            if "est_s" in f:
+                f["measured_over_est"] = seconds / f["est_s"]
+    return result
+
+
+def _concrete(tree):
+    """Arrays for a tree of sharded ShapeDtypeStructs: integers 1 (masks on, token 1), floats 0,
+    made on their devices with their shardings."""
+    import jax.numpy as jnp
+
+    def one(x):
+        fill = 1 if jnp.issubdtype(x.dtype, jnp.integer) and x.dtype != jnp.uint32 else 0
+        return jax.jit(lambda: jnp.full(x.shape, fill, x.dtype), out_shardings=x.sharding)()
+    return jax.tree.map(one, tree)
+
+
+def measured_seconds(step, compiled: dict, repeats: int = 3) -> dict:
+    """Median seconds of each compiled function on the local devices, after one warm-up call. The
+    update's state is donated, so every call gets a fresh one (made outside the timing)."""
+    import statistics
+
+    def timed(fn, make_args):
+        times = []
+        for i in range(repeats + 1):
+            args, kwargs = make_args()
+            jax.block_until_ready((args, kwargs))
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args, **kwargs))
+            if i:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    seconds = {}
+    if compiled.get("rollout") is not None:
+        rollout_args = _concrete((step.rollout_args, step.rollout_kwargs))
+        seconds["rollout"] = timed(compiled["rollout"], lambda: rollout_args)
+    if compiled.get("update") is not None:
+        state, rollout, scores, frozen, reference = step.update_args
+        rest = _concrete((rollout, scores, frozen, reference))
+        seconds["update"] = timed(compiled["update"], lambda: ((_concrete(state), *rest), {}))
+    return seconds
+
+
+def _rollout_details(report: dict) -> None:
+    """The decode loop's collectives per token and what the rest (the prefill) moves."""
+    loop = decode_loop(report)
+    if loop is None:
+        return
+    report["per_token_comm_mib"] = loop["comm_mib"]
+    report["per_token_hbm_mib"] = loop["hbm_traffic_mib"]
+    report["per_token_gflop"] = loop["flops"] / 1e9
+    report["prefill_comm_gib"] = max(report["comm_gib"] - loop["comm_mib"] * (loop["trips"] or 1) / 1024, 0.0)
+
+
+def param_counts(params) -> dict:
+    """Parameters of a policy's params tree by role: "body" (the blocks' matmuls and norms), "head"
+    (the vocabulary projection: the embedding when tied) and "embed" (lookup tables)."""
+    from rlhf_jax.sharding import path_keys
+
+    counts = {"body": 0, "head": 0, "embed": 0}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = [str(k) for k in path_keys(path)]
+        role = "head" if "lm_head" in keys else "embed" if keys[-1] in ("embed", "pos_embed") else "body"
+        counts[role] += math.prod(leaf.shape)
+    return counts
+
+
+def iteration_model_flops(config, model_cfg, counts: dict) -> dict:
+    """Model FLOPs of one iteration's rollout and update over the whole batch (see
+    `roofline.transformer_flops`): the rollout's forward over prompt and response, the head at the
+    sampled tokens (and a reward model's forward); the update's PPO epochs (forward and backward) and
+    its scoring forwards (reference, recomputed old log-probs, a separate value model)."""
+    from rlhf_jax.config import uses_value
+    from rlhf_jax.roofline import transformer_flops
+    from rlhf_jax.update import resolve_old_logprobs
+
+    batch, response = config.train.rollout_batch_size, config.sampling.max_new_tokens
+    seq = config.data.max_prompt_len + response
+    head = counts["head"] or model_cfg.vocab_size * model_cfg.hidden_size  # tied: the embedding
+
+    def passes(count, backward, lm_head=True):
+        return count * transformer_flops(counts["body"], head if lm_head else 0, batch * seq, batch * response,
+                                         layers=model_cfg.num_layers, width=model_cfg.hidden_size, seq=seq,
+                                         backward=backward)
+
+    rollout = passes(1, "none") + (passes(1, "none", lm_head=False) if config.reward.kind == "model" else 0.0)
+    update = passes(config.ppo.num_ppo_epochs, "activations" if config.lora.enabled else "full")
+    uses_reference = config.algorithm == "ppo" or config.ppo.kl_coef > 0
+    update += passes(int(uses_reference) + int(resolve_old_logprobs(config) == "recompute"), "none")
+    if uses_value(config) and config.model.value_model != "shared":
+        update += passes(config.ppo.num_ppo_epochs, "full", lm_head=False) + passes(1, "none", lm_head=False)
+    return {"rollout": rollout, "update": update}
 
 
 def _model_config(config):
@@ -161,15 +316,37 @@ def format_table(result: dict) -> str:
     rows = [f"{result['topology']}: {result['devices']} devices, mesh {result['mesh']}, "
             f"policy {result['policy_params'] / 1e9:.2f} B params",
             f"{'function':10s}{'args GiB':>10s}{'out GiB':>10s}{'temp GiB':>10s}{'total GiB':>11s}"
-            f"{'HBM GiB':>9s}{'TFLOP':>9s}{'compile s':>11s}  fits"]
+            f"{'HBM GiB':>9s}{'compile s':>11s}  fits"]
     for name, f in result["functions"].items():
         hbm = f"{f['hbm_gib']:.2f}" if f.get("hbm_gib") else "-"
         if "error" in f:
-            rows.append(f"{name:10s}{'':>30s}{f['needed_gib']:11.2f}{hbm:>9s}{'':>9s}{f['compile_s']:11.1f}  NO")
+            rows.append(f"{name:10s}{'':>30s}{f['needed_gib']:11.2f}{hbm:>9s}{f['compile_s']:11.1f}  NO")
             continue
         rows.append(f"{name:10s}{f['argument_gib']:10.2f}{f['output_gib']:10.2f}{f['temp_gib']:10.2f}"
-                    f"{f['total_gib']:11.2f}{hbm:>9s}{f['flops'] / 1e12:9.1f}{f['compile_s']:11.1f}  "
-                    f"{'yes' if f['fits'] else 'NO'}")
+                    f"{f['total_gib']:11.2f}{hbm:>9s}{f['compile_s']:11.1f}  {'yes' if f['fits'] else 'NO'}")
+    timed = {name: f for name, f in result["functions"].items() if "flops" in f}
+    if timed:
+        chip = result["chip"]
+        rows += ["", f"time per device (roofline lower bound; chip: {chip['peak_tflops']:.4g} TFLOP/s, "
+                     f"HBM {chip['hbm_gb_s']:.4g} GB/s, ICI {chip['ici_gb_s'] or '?'} GB/s; {chip['source']})",
+                 f"{'function':10s}{'TFLOP':>9s}{'HBM GiB':>9s}{'comm GiB':>10s}{'est s':>9s}  {'bound':8s}"
+                 f"{'MFU':>6s}{'measured s':>12s}"]
+        for name, f in timed.items():
+            measured = f"{f['measured_s']:12.4g}" if "measured_s" in f else f"{'-':>12s}"
+            mfu = f"{f['est_mfu']:6.0%}" if "est_mfu" in f else f"{'-':>6s}"
+            rows.append(f"{name:10s}{f['flops'] / 1e12:9.3g}{f['hbm_traffic_gib']:9.3g}{f['comm_gib']:10.3g}"
+                        f"{f.get('est_s', float('nan')):9.3g}  {f.get('est_bound', '-'):8s}{mfu}{measured}")
+            kinds = ", ".join(f"{k} {v:.3g}" for k, v in f["comm_gib_by_kind"].items())
+            if kinds:
+                rows.append(f"{'':10s}collectives GiB: {kinds}")
+            if "per_token_comm_mib" in f:
+                rows.append(f"{'':10s}decode loop, per token: {f['per_token_gflop']:.3g} GFLOP, "
+                            f"{f['per_token_hbm_mib']:.4g} MiB HBM, {f['per_token_comm_mib']:.3g} MiB collectives; "
+                            f"the rest (prefill) {f['prefill_comm_gib']:.3g} GiB collectives")
+        if "iteration" in result:
+            it = result["iteration"]
+            rows.append(f"iteration: {it['est_s']:.3g} s, {it['tokens_per_s_per_chip']:.4g} tokens/s per chip, "
+                        f"model FLOPs utilisation {it['est_mfu']:.0%} (estimates)")
     return "\n".join(rows)
 
 
@@ -179,7 +356,8 @@ def _main(argv):
 
     from rlhf_jax.config import ConfigError
     try:
-        result = plan(flags.FLAGS.config, flags.FLAGS.topology or None, tuple(flags.FLAGS.only))
+        result = plan(flags.FLAGS.config, flags.FLAGS.topology or None, tuple(flags.FLAGS.only),
+                      measure=flags.FLAGS.measure)
     except (ConfigError, PlanError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -204,6 +382,8 @@ def run():
     flags.DEFINE_string("topology", "", "A TPU slice to compile for (v5e:4x4, v5p:2x2x1, v4:2x2x1); "
                                         "empty: the local devices.")
     flags.DEFINE_list("only", ["rollout", "update"], "The functions to compile.")
+    flags.DEFINE_bool("measure", None, "Also run each function on the local devices and report its seconds "
+                                       "(default: without --topology).")
     flags.mark_flags_as_required(["config"])
     try:
         app.run(_main)

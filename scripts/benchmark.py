@@ -6,6 +6,7 @@ peers' harnesses (TRL, Tunix) from ../shared/bench. The last line printed is one
     python scripts/benchmark.py --preset small --value_model shared
     python scripts/benchmark.py --preset small --peers --rounds 3   # ours, TRL, Tunix alternating
     python scripts/benchmark.py --preset small --dtype bfloat16 --old_logprobs sampler  # recompute's cost
+    python scripts/benchmark.py --preset small --value_model shared --plan   # the planner's estimate vs measured
 
 The reference config: GPT-2-architecture policy, vocabulary 1024, f32; rollout batch 32, prompt 16,
 response 32 with no early EOS; 1 PPO epoch, 1 minibatch; a reference copy, a learned reward model
@@ -152,6 +153,17 @@ def run_ours(args) -> dict:
     }
 
 
+def run_plan(args) -> dict:
+    """The planner on this benchmark's config (local devices): per function the roofline estimate,
+    the measured seconds of the compiled function alone, and their ratio."""
+    from rlhf_jax.plan import format_table, plan
+
+    root = tempfile.mkdtemp(prefix="rlhf_bench_")
+    result = plan(make_config(args, *build_assets(root, args)), measure=True)
+    print(format_table(result), file=sys.stderr)
+    return {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")}, **result}
+
+
 def peer_seconds(row: dict) -> float:
     """Median seconds per iteration from a peer harness's JSON line (TRL nests it under `result`)."""
     if "sec_per_iter_median" in row:
@@ -192,11 +204,16 @@ def main():
     parser.add_argument("--old_logprobs", choices=["auto", "recompute", "sampler"], default="auto")
     parser.add_argument("--peers", action="store_true", help="also run TRL and Tunix (../shared/bench), alternating")
     parser.add_argument("--rounds", type=int, default=2, help="with --peers: alternating rounds")
+    parser.add_argument("--plan", action="store_true",
+                        help="run the planner on this config instead: its roofline estimate beside measured seconds")
     parser.add_argument("--_ours_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.plan:
+        print(json.dumps(run_plan(args)))
+        return
     if args._ours_only or not args.peers:
         result = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")}, **run_ours(args)}
         print(json.dumps(result))

@@ -27,7 +27,30 @@ def test_plan_on_local_devices_prints_a_json_line():
         assert f["total_gib"] > 0 and f["flops"] > 0 and f["compile_s"] > 0
         # The total counts the resident train state, more than the function's own temporaries.
         assert f["total_gib"] > f["temp_gib"]
-    assert "rollout" in result.stdout and "update" in result.stdout
+        # Time: a roofline estimate on this machine's measured speed, and the function run for real.
+        assert f["est_s"] > 0 and f["est_bound"] in ("compute", "hbm", "ici") and f["measured_s"] > 0
+        assert f["model_flops"] > 0 and f["measured_over_est"] == pytest.approx(f["measured_s"] / f["est_s"])
+    rollout = report["functions"]["rollout"]
+    decode = [loop for loop in rollout["loops"] if loop["op_name"].endswith("jit(generate)/while")]
+    assert [loop["trips"] for loop in decode] == [8], rollout["loops"]  # tiny.py: max_new_tokens = 8
+    assert rollout["per_token_comm_mib"] == 0  # one device
+    assert report["iteration"]["est_s"] == pytest.approx(
+        report["functions"]["rollout"]["est_s"] + report["functions"]["update"]["est_s"])
+    assert "rollout" in result.stdout and "update" in result.stdout and "measured s" in result.stdout
+
+
+def test_plan_estimates_collectives_on_a_tpu_slice():
+    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]'): no compile-only TPU")
+    result = _plan("--config=configs/tiny.py", "--topology=v5e:2x4", "--config.mesh.data=1",
+                   "--config.mesh.fsdp=-1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["chip"]["peak_tflops"] == 197 and "measured_s" not in report["functions"]["update"]
+    rollout, update = report["functions"]["rollout"], report["functions"]["update"]
+    assert rollout["per_token_comm_mib"] > 0 and update["comm_gib"] > 0
+    assert set(update["comm_gib_by_kind"]) <= {"all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                                               "collective-permute"}
+    assert 0 < report["iteration"]["est_mfu"] < 1
 
 
 def test_plan_reports_what_does_not_fit_on_a_tpu_slice():
@@ -48,6 +71,7 @@ def test_plan_reports_what_does_not_fit_on_a_tpu_slice():
 @pytest.mark.parametrize("args,message", [
     (["--topology=v9z:2x2"], "--topology='v9z:2x2'"),
     (["--only=sample"], "--only=sample"),
+    (["--topology=v5e:2x2", "--measure"], "--measure"),
     (["--config.model.remat=some"], "config.model.remat = 'some'"),
 ])
 def test_plan_bad_arguments_are_one_line(args, message):
