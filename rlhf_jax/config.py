@@ -66,7 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
         field="prompt", max_prompt_len=8, truncation="left", builtin_prompts=512,
         chat_template=False))  # wrap each prompt as a user turn with the tokenizer's chat template
 
-    c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0))
+    # shard_cache: split the KV cache by rows over the batch axes (False: XLA places it); shard_prefill:
+    # also the prefill's activations, so that it gathers weights instead of reducing partial sums
+    c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
+                                                shard_cache=True, shard_prefill=True))
 
     c.ppo = ml_collections.ConfigDict(dict(
         kl_coef=0.05, kl_estimator="k1", kl_in_loss=False, kl_loss_estimator="k3",

@@ -91,11 +91,13 @@ def make_rollout(config, *, policy_graphdef, reward_graphdef=None, eos_ids: Sequ
     """
     s = config.sampling
     param_dtype = jnp.dtype(config.model.param_dtype)
-    # No activation constraints here: pinned to the batch axes, XLA gathered every layer's weights at
-    # once (the 8B LoRA rollout on v5e:2x2 needed 17.9 GiB per chip; left to XLA, 10.2).
+    # No constraints on the residual stream: pinned to the batch axes, XLA gathered every layer's
+    # weights at once (the 8B LoRA rollout on v5e:2x2 needed 17.9 GiB per chip; left to XLA, 10.2).
+    # The KV cache is split by rows, which XLA would replicate (see `generate`).
     gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                       eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
-                      transposed_kernels=None if mesh is None else mesh.devices.flat[0].platform == "cpu")
+                      transposed_kernels=None if mesh is None else mesh.devices.flat[0].platform == "cpu",
+                      batch_mesh=mesh if s.shard_cache else None, shard_prefill=s.shard_prefill)
     with_values = config.algorithm == "ppo" and config.model.value_model == "shared"
 
     def rollout(policy_params, prompt_ids, prompt_mask, key, reward_params=None):

@@ -28,7 +28,7 @@ _KERNEL_RULES = {
     "q_proj": ("fsdp", "tensor"), "k_proj": ("fsdp", "tensor"), "v_proj": ("fsdp", "tensor"),
     "gate_proj": ("fsdp", "tensor"), "up_proj": ("fsdp", "tensor"),
     "o_proj": ("tensor", "fsdp"), "down_proj": ("tensor", "fsdp"),
-    "lm_head": ("fsdp", "tensor"), "value_head": ("fsdp", None), "score": ("fsdp", None),
+    "lm_head": ("tensor", "fsdp"), "value_head": ("fsdp", None), "score": ("fsdp", None),
 }
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from rlhf_jax import ppo
 from rlhf_jax.advantages import masked_whiten
-from rlhf_jax.models import CausalLM, gpt2_config
+from rlhf_jax.models import CausalLM, ModelConfig, gpt2_config
 from rlhf_jax.sampling import generate
 from rlhf_jax.sharding import batch_sharding, bytes_per_device, make_mesh, param_shardings, shard_like
 from rlhf_jax.trainer import PPOTrainer
@@ -77,8 +77,17 @@ def test_fsdp8_holds_an_eighth_per_device(tmp_path):
     assert max(per_device.values()) <= 1.15 * total / 8, (max(per_device.values()), total / 8)
 
 
-def test_generate_on_a_sharded_batch_equals_unsharded():
-    cfg = gpt2_config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("layout", [{}, {"shard_prefill": False}, {"shard_prefill": True}])
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 8, 1)])
+def test_generate_on_a_sharded_batch_equals_unsharded(family, layout, mesh_shape):
+    """Whatever the rollout's layout (left to XLA; the KV cache split by rows; the prefill's
+    activations pinned to the batch axes too), the samples are those of one device."""
+    if family == "gpt2":
+        cfg = gpt2_config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32)
+    else:
+        cfg = ModelConfig(family="llama", vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                          head_dim=8, intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=False)
     graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(0)
     ids = rng.randint(2, 48, (16, 5)).astype(np.int32)
@@ -86,9 +95,11 @@ def test_generate_on_a_sharded_batch_equals_unsharded():
     mask[::3, :2] = 0
     kw = dict(max_new_tokens=6, temperature=1.0, eos_ids=(1,), pad_id=0)
     plain = generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(3), **kw)
-    mesh = make_mesh(2, 2, 2)
+    mesh = make_mesh(*mesh_shape)
     sharded_params = shard_like(params, param_shardings(params, mesh))
     put = lambda x: jax.device_put(x, batch_sharding(mesh))
+    if layout:
+        kw.update(batch_mesh=mesh, **layout)
     sharded = generate(graphdef, sharded_params, put(ids), put(mask), jax.random.PRNGKey(3), **kw)
     np.testing.assert_array_equal(np.asarray(plain["response_ids"]), np.asarray(sharded["response_ids"]))
     np.testing.assert_allclose(np.asarray(plain["logprobs"]), np.asarray(sharded["logprobs"]), atol=1e-5)

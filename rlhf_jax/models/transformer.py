@@ -197,9 +197,11 @@ class Attention(nnx.Module):
         k = k.transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
         if kv_cache is not None:
-            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, 0, cache_index, 0))
-            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, 0, cache_index, 0))
-            new_cache = (k, v)
+            k, v = k.astype(kv_cache[0].dtype), v.astype(kv_cache[1].dtype)
+            new_cache = (jax.lax.dynamic_update_slice(kv_cache[0], k, (0, 0, cache_index, 0)),
+                         jax.lax.dynamic_update_slice(kv_cache[1], v, (0, 0, cache_index, 0)))
+            if allowed.shape[-1] == kv_cache[0].shape[2]:  # else a fresh cache's prefill: its own keys only
+                k, v = new_cache
         else:
             new_cache = None
         groups = cfg.num_heads // cfg.num_kv_heads
@@ -307,7 +309,7 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg.hidden_size, cfg)
 
     def __call__(self, input_ids, attention_mask, cache=None, output_index=None, *, remat: str = "none",
-                 constrain=None):
+                 constrain=None, fresh_cache: bool = False):
         """input_ids, attention_mask: int[batch, seq]. Returns (hidden f[batch, seq, d], new cache or None).
 
         output_index: return the hidden states at these positions only (a slice, or int[batch, n]):
@@ -317,6 +319,9 @@ class Transformer(nnx.Module):
           outputs; the elementwise work is recomputed);
         constrain: applied to the residual stream f[batch, seq, d] after the embedding and every
           block (e.g. a sharding constraint that keeps the batch axis sharded).
+        fresh_cache: the cache is empty (a prefill): its keys and values are written, but the call
+          attends to its own `seq` positions only, not to all `max_len` slots (the same result; a
+          512-token prefill into a 4096-slot cache otherwise computes 8x the scores it needs).
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
@@ -333,9 +338,9 @@ class Transformer(nnx.Module):
             index = cache["index"]
             positions = jnp.maximum(cache["positions"][:, None] + offsets, 0)
             key_mask = jax.lax.dynamic_update_slice(cache["key_mask"], mask, (0, index))
-            slots = jnp.arange(key_mask.shape[1])
+            slots = jnp.arange(seq if fresh_cache else key_mask.shape[1])
             causal = slots[None, :] <= (index + jnp.arange(seq))[:, None]
-            allowed = causal[None] & key_mask[:, None, :]
+            allowed = causal[None] & (mask if fresh_cache else key_mask)[:, None, :]
         x = self.embed[...][input_ids].astype(cfg.compute_dtype)
         if cfg.family == "gpt2":
             x = x + self.pos_embed[...][positions].astype(cfg.compute_dtype)
