@@ -15,11 +15,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax.models.heads import last_token_index
 from rlhf_jax.models.transformer import init_cache, transpose_kernels
 from rlhf_jax.ops import token_logprobs
-from rlhf_jax.sharding import batch_constraint
+from rlhf_jax.sharding import BATCH_AXES, batch_constraint
 
 _NEG_INF = -jnp.inf
 
@@ -105,9 +106,9 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
       transposed_kernels: decode with (out, in) copies of the kernels (faster on XLA:CPU, a second
         copy of the weights elsewhere); None: when JAX's default backend is the CPU. Compiling for
         other devices from a CPU host (a TPU slice's compile-only devices) must say False.
-      batch_mesh: a `jax.sharding.Mesh` whose batch axes (data, fsdp) split the KV cache's rows, or
-        None (XLA places it, and on a mesh replicates it: every device then reads the whole batch's
-        keys and values at every step).
+      batch_mesh: a `jax.sharding.Mesh` whose batch axes (data, fsdp) split the KV cache's rows and
+        the sampler's, or None (XLA places them, and on a mesh may replicate them: every device then
+        reads the whole batch's keys and values, or samples the whole batch, at every step).
       shard_prefill: with `batch_mesh`, also pin the prefill's residual stream to the batch axes, so
         that its matmuls gather each layer's weights instead of all-reducing [batch, prompt, hidden]
         partial sums (left to XLA, an 8B prefill of 64 x 512 tokens on 16 chips all-reduced 130 GiB
@@ -146,8 +147,18 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     # (about 2% of a small model's decoding).
     uniforms = jax.random.uniform(key, (max_new_tokens, batch))
 
+    # The sampler works on rows: with a batch_mesh, the logits are made per vocabulary slice (as the
+    # head is sharded; pinned, else XLA gathers the whole head at every step), exchanged once, and each
+    # device samples its own rows, instead of every device filtering and summing the whole batch.
+    if batch_mesh is None:
+        logits_of = model.logits
+    else:
+        by_vocab = NamedSharding(batch_mesh, P(None, BATCH_AXES))
+        rows = batch_constraint(batch_mesh)
+        logits_of = lambda h: rows(jax.lax.with_sharding_constraint(model.logits(h), by_vocab))
+
     def emit(step, hidden, done, buffers):
-        token, logprob = sample_token(model.logits(hidden), uniforms[step], temperature, top_k, top_p)
+        token, logprob = sample_token(logits_of(hidden), uniforms[step], temperature, top_k, top_p)
         live = ~done
         token = jnp.where(live, token, pad_id)
         columns = {"response_ids": token, "response_mask": live.astype(jnp.int32),
