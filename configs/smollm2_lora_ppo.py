@@ -1,4 +1,4 @@
-"""LoRA PPO on SmolLM2-135M-Instruct (prepared offline: `python scripts/prepare_smollm2.py runs/smollm2`)
+"""LoRA PPO on SmolLM2-135M-Instruct (prepared offline by `make smollm2`)
 with chat-templated questions and a reward for short answers that keep the key fact. The value head
 sits on the policy's backbone; the reference is the base plus the fresh adapters (B = 0), i.e. the base.
 

@@ -2,8 +2,9 @@
 
 - `make_mesh(data, fsdp, tensor)`: -1 means "the rest of the devices".
 - `param_specs(params)`: a PartitionSpec per parameter from its path: FSDP over the embedding
-  dimension, tensor parallelism over heads and the MLP hidden dimension, the vocabulary over
-  "tensor". A dimension that the mesh axis does not divide stays unsharded.
+  dimension, tensor parallelism over heads and the MLP hidden dimension; the untied vocabulary
+  projection over its vocabulary ("fsdp"), the embedding table's vocabulary over "tensor". A
+  dimension that the mesh axis does not divide stays unsharded.
 - `batch_spec`: the leading (batch) axis over ("data", "fsdp").
 
 The same jitted functions run on one CPU, a simulated 8-device mesh and a pod; GSPMD inserts
@@ -24,6 +25,9 @@ BATCH_AXES = ("data", "fsdp")
 
 # (path suffix, spec of the kernel's axes); the input axis of a projection into the residual
 # stream is "tensor" (heads / hidden units), its output axis "fsdp", and the reverse going out.
+# lm_head is split over its vocabulary: each device makes its slice of the logits from the whole
+# hidden state (split over its input, every logits chunk gathered the whole head, 1 GiB at 8B, and
+# reduced vocabulary-sized partial sums).
 _KERNEL_RULES = {
     "q_proj": ("fsdp", "tensor"), "k_proj": ("fsdp", "tensor"), "v_proj": ("fsdp", "tensor"),
     "gate_proj": ("fsdp", "tensor"), "up_proj": ("fsdp", "tensor"),
