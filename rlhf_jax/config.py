@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.builtin = ml_collections.ConfigDict(dict(
         family="gpt2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=0, intermediate_size=0,
         max_position_embeddings=64, init_seed=0, vocab_size=0, rope_theta=10000.0, norm_eps=1e-5,
-        tie_word_embeddings=True))
+        tie_word_embeddings=True, qk_norm=False))  # qk_norm: Qwen3's per-head query/key RMSNorm (llama family)
     c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU, float32 on CPU
     c.model.param_dtype = "float32"
     c.model.value_model = "shared"  # "shared": value head on the policy's backbone; "separate": its own model
@@ -154,6 +154,10 @@ def validate(config, num_devices: int = 1) -> None:
     _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.param_dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.remat", ("none", "full", "dots"))
+    _choice(config, "model.builtin.family", ("gpt2", "llama"))
+    if config.model.builtin.qk_norm and config.model.builtin.family != "llama":
+        raise ConfigError("config.model.builtin.qk_norm = True needs config.model.builtin.family = 'llama' "
+                          f"(got {config.model.builtin.family!r})")
     _positive(config, "model.logits_chunk", allow_zero=True)
     if config.model.logits_chunk and config.sampling.max_new_tokens % config.model.logits_chunk:
         raise ConfigError(f"config.model.logits_chunk = {config.model.logits_chunk} does not divide "

@@ -35,10 +35,15 @@ def hf_checkpoints(tmp_path_factory):
         "llama3_tied": tf.LlamaForCausalLM(tf.LlamaConfig(**TINY, tie_word_embeddings=True,
                                                           rope_parameters=rope_llama3)),
         "qwen2": tf.Qwen2ForCausalLM(tf.Qwen2Config(**TINY)),
+        "qwen3": tf.Qwen3ForCausalLM(tf.Qwen3Config(**TINY, head_dim=8)),
         "gpt2_scalar": tf.GPT2ForSequenceClassification(tf.GPT2Config(
             vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=1, pad_token_id=0)),
         "llama_scalar": tf.LlamaForSequenceClassification(tf.LlamaConfig(**TINY, num_labels=1, pad_token_id=0)),
     }
+    # Norm weights start at one: make them random, so that a norm read into the wrong place shows.
+    for name, param in models["qwen3"].named_parameters():
+        if "norm" in name:
+            param.data.uniform_(0.5, 1.5)
     return {name: _save(model, root / name) for name, model in models.items()}
 
 

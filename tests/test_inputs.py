@@ -26,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("sampling.temperature", float("nan"), "config.sampling.temperature = nan"),
     ("optim.learning_rate", float("inf"), "config.optim.learning_rate = inf: must be a finite number"),
     ("checkpoint.max_to_keep", 0, "config.checkpoint.max_to_keep = 0: must be > 0"),
+    ("model.builtin.qk_norm", True, "config.model.builtin.qk_norm = True needs config.model.builtin.family = 'llama'"),
+    ("model.builtin.family", "qwen3", "config.model.builtin.family = 'qwen3'"),
 ])
 def test_config_values(key, value, message):
     config = base_config()

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhf_jax.models import (CausalLM, CheckpointError, gpt2_config, init_cache, load_pretrained, read_hf_config,
-                             save_pretrained)
+from rlhf_jax.models import (CausalLM, CheckpointError, ModelConfig, gpt2_config, init_cache, load_pretrained,
+                             read_hf_config, save_pretrained)
 from rlhf_jax.models.transformer import transpose_kernels
 
 torch = pytest.importorskip("torch")
 import transformers as tf  # noqa: E402
 
-CAUSAL = ["gpt2", "llama", "llama3_tied", "qwen2"]
+CAUSAL = ["gpt2", "llama", "llama3_tied", "qwen2", "qwen3"]
 
 
 def hf_logits(path, ids, mask, kind="causal_lm"):
@@ -60,7 +60,7 @@ def test_scalar_model_matches_sequence_classification(name, hf_checkpoints, left
     np.testing.assert_allclose(np.asarray(ours.sequence_scores(jnp.asarray(ids), jnp.asarray(mask))), ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "qwen2", "llama_scalar"])
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "qwen3", "llama_scalar"])
 def test_round_trip_through_transformers(name, hf_checkpoints, left_padded_batch, tmp_path):
     ids, mask = left_padded_batch
     kind = "scalar" if name.endswith("scalar") else "causal_lm"
@@ -75,11 +75,22 @@ def test_round_trip_through_transformers(name, hf_checkpoints, left_padded_batch
         np.testing.assert_allclose(again[real], first[real], atol=1e-6)
 
 
-def test_builtin_model_exports_to_transformers(tmp_path, left_padded_batch):
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_builtin_model_exports_to_transformers(tmp_path, left_padded_batch, family):
     ids, mask = left_padded_batch
-    model = CausalLM(gpt2_config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32),
-                     rngs=nnx.Rngs(3))
+    if family == "gpt2":
+        cfg = gpt2_config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32)
+    else:
+        cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                          head_dim=8, intermediate_size=64, max_position_embeddings=32, qk_norm=True,
+                          tie_word_embeddings=False)
+    model = CausalLM(cfg, rngs=nnx.Rngs(3))
+    if family == "qwen3":  # norms start at one: make them differ, so that the export must carry them
+        for layer in model.backbone.layers:
+            layer.attn.q_norm.scale[...] = 1.0 + 0.1 * jnp.arange(8.0)
+            layer.attn.k_norm.scale[...] = 1.0 - 0.05 * jnp.arange(8.0)
     save_pretrained(model, str(tmp_path / "m"))
+    assert read_hf_config(str(tmp_path / "m"))["model_type"] == family
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))["logits"])
     ref = hf_logits(str(tmp_path / "m"), ids, mask)
     real = mask.astype(bool)
@@ -103,7 +114,7 @@ def test_output_index_and_transposed_kernels_match_full_forward(name, hf_checkpo
     assert model.backbone.layers[0].mlp.down_proj.kernel_t is not None
     np.testing.assert_allclose(np.asarray(model.backbone(ids, mask)[0]), full, atol=1e-5)
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3"])
 def test_kv_cache_decoding_matches_full_forward(name, hf_checkpoints, left_padded_batch):
     ids, mask = left_padded_batch
     model = load_pretrained(hf_checkpoints[name])
@@ -120,6 +131,34 @@ def test_kv_cache_decoding_matches_full_forward(name, hf_checkpoints, left_padde
     decoded = np.concatenate(steps, axis=1)
     real = mask.astype(bool)
     np.testing.assert_allclose(decoded[real], full[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_greedy_generate_equals_transformers_generate(name, hf_checkpoints, left_padded_batch):
+    import jax
+    from flax import nnx as _nnx
+
+    from rlhf_jax.sampling import generate
+    ids, mask = left_padded_batch
+    graphdef, params = _nnx.split(load_pretrained(hf_checkpoints[name]))
+    ours = generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), max_new_tokens=16,
+                    temperature=0.0)
+    model = tf.AutoModelForCausalLM.from_pretrained(hf_checkpoints[name]).eval()
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                             max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(ours["response_ids"]), ref[:, ids.shape[1]:].numpy())
+
+
+def test_sliding_window_configs_are_refused(hf_checkpoints, tmp_path):
+    path = _copy(hf_checkpoints["qwen3"], tmp_path / "m")
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.update(use_sliding_window=True, sliding_window=4)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointError, match="use_sliding_window"):
+        load_pretrained(path)
 
 
 def test_value_head_starts_at_zero(hf_checkpoints, left_padded_batch):

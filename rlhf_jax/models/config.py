@@ -18,7 +18,7 @@ class ModelConfig:
     `family` selects the block layout: "gpt2" (learned positions, LayerNorm,
     tanh-GELU MLP, biases everywhere) or "llama" (RoPE, RMSNorm, SwiGLU,
     grouped-query attention; Qwen2 and Mistral are "llama" with other bias
-    flags). Frozen so it can be a static argument of jitted functions.
+    flags, Qwen3 with `qk_norm`). Frozen so it can be a static argument of jitted functions.
     """
 
     family: str
@@ -38,6 +38,8 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # Qwen3: an RMSNorm over each head's query and key, before RoPE.
+    qk_norm: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
     # LoRA adapters (rank 0: none) on the named projections: q_proj, k_proj, v_proj, o_proj,
@@ -56,6 +58,8 @@ class ModelConfig:
         unknown = set(self.lora_targets) - set(LORA_TARGETS)
         if unknown:
             raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {LORA_TARGETS}")
+        if self.family == "gpt2" and self.qk_norm:
+            raise ValueError("qk_norm (Qwen3's per-head query/key RMSNorm) needs the llama family")
         if self.family == "gpt2" and self.num_kv_heads != self.num_heads:
             raise ValueError("the gpt2 family has no grouped-query attention: num_kv_heads must equal num_heads")
 

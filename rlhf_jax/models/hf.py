@@ -25,7 +25,7 @@ from rlhf_jax.models.lora import merged_params
 from rlhf_jax.models.tree import unflatten
 from rlhf_jax.sharding import spec_for
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -68,6 +68,7 @@ def config_from_hf(hf: dict, dtype: str = "float32", param_dtype: str = "float32
     if rope_type == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         scaling = tuple(sorted((k, rope[k]) for k in keys))
+    _refuse_sliding_windows(hf, model_type)
     heads = hf["num_attention_heads"]
     d = hf["hidden_size"]
     qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
@@ -77,7 +78,16 @@ def config_from_hf(hf: dict, dtype: str = "float32", param_dtype: str = "float32
         intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
         qkv_bias=qkv_bias, o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)), **common)
+        mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3", **common)
+
+
+def _refuse_sliding_windows(hf: dict, model_type: str) -> None:
+    """Every layer here attends to all earlier positions: a config that windows some layers is refused."""
+    if hf.get("use_sliding_window"):
+        raise CheckpointError(f"unsupported {model_type} option use_sliding_window=True (sliding-window attention)")
+    windowed = [i for i, t in enumerate(hf.get("layer_types") or ()) if t != "full_attention"]
+    if windowed:
+        raise CheckpointError(f"unsupported {model_type} layer_types: layers {windowed} are not 'full_attention'")
 
 
 def hf_config_from(cfg: ModelConfig, architecture: str = "causal_lm", extra: dict | None = None) -> dict:
@@ -90,18 +100,20 @@ def hf_config_from(cfg: ModelConfig, architecture: str = "causal_lm", extra: dic
             attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, summary_first_dropout=0.0)
         arch = {"causal_lm": "GPT2LMHeadModel", "scalar": "GPT2ForSequenceClassification"}[architecture]
     else:
-        model_type = "qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama"
+        model_type = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama"
         hf = dict(
             model_type=model_type, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
             rms_norm_eps=cfg.norm_eps, hidden_act="silu", mlp_bias=cfg.mlp_bias,
             rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"})
-        if model_type == "llama":
+        if model_type != "qwen2":
             hf["attention_bias"] = cfg.qkv_bias
+        if model_type == "qwen3":
+            hf.update(use_sliding_window=False, layer_types=["full_attention"] * cfg.num_layers)
         if cfg.rope_scaling:
             hf["rope_parameters"].update(dict(cfg.rope_scaling), rope_type="llama3")
-        prefix = "Qwen2" if model_type == "qwen2" else "Llama"
+        prefix = {"qwen2": "Qwen2", "qwen3": "Qwen3"}.get(model_type, "Llama")
         arch = prefix + {"causal_lm": "ForCausalLM", "scalar": "ForSequenceClassification"}[architecture]
     hf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_word_embeddings,
               architectures=[arch], dtype=cfg.param_dtype)
@@ -142,6 +154,9 @@ def _key_map(cfg: ModelConfig, kind: str) -> dict[tuple, tuple[str, str]]:
         else:
             linears = {("attn", p): f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
             linears.update({("mlp", p): f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")})
+            if cfg.qk_norm:
+                for norm in ("q_norm", "k_norm"):
+                    m[ours + ("attn", norm, "scale")] = (theirs + f"self_attn.{norm}.weight", "")
             for path, name in linears.items():
                 m[ours + path + ("kernel",)] = (theirs + name + ".weight", "T")
                 has_bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias,

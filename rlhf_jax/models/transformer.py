@@ -1,4 +1,4 @@
-"""One decoder-only transformer (Flax NNX) for the GPT-2 and Llama/Qwen2/Mistral families.
+"""One decoder-only transformer (Flax NNX) for the GPT-2 and Llama/Qwen2/Qwen3/Mistral families.
 
 Left padding is handled here, not by callers: position ids come from the
 attention mask (`cumsum(mask) - 1`), and padded keys are masked out, so a
@@ -152,6 +152,8 @@ class Attention(nnx.Module):
         self.k_proj = Dense(d, kv * hd, use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs, name="k_proj")
         self.v_proj = Dense(d, kv * hd, use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs, name="v_proj")
         self.o_proj = Dense(h * hd, d, use_bias=cfg.o_bias, cfg=cfg, rngs=rngs, name="o_proj")
+        self.q_norm = Norm(hd, cfg) if cfg.qk_norm else None
+        self.k_norm = Norm(hd, cfg) if cfg.qk_norm else None
         self.qkv_kernel_t = None  # the fused q/k/v kernel as (out, in), set by `transpose_kernels`
 
     def qkv_kernel(self):
@@ -185,6 +187,8 @@ class Attention(nnx.Module):
         q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q_positions = positions
         if query_index is not None:
             q, q_positions, allowed = (select_positions(a, query_index) for a in (q, positions, allowed))
