@@ -4,20 +4,11 @@
     python -m rlhf_jax.plan --config=configs/llama3_8b_lora_ppo.py --topology=v5e:2x2
 """
 
-import importlib.util
-import os
-
-
-def _full_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama3_8b_ppo.py")
-    spec = importlib.util.spec_from_file_location("llama3_8b_ppo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from rlhf_jax.config import sibling_config
 
 
 def get_config():
-    c = _full_config()
+    c = sibling_config(__file__, "llama3_8b_ppo.py")
     c.model.update(dtype="bfloat16", param_dtype="bfloat16")
     c.lora.update(enabled=True, rank=16, alpha=32.0,
                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))

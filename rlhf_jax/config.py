@@ -8,6 +8,7 @@ override is an error, not a silently ignored key.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -122,6 +123,18 @@ def _leaves(config, prefix: str = ""):
             yield from _leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def sibling_config(here: str, name: str):
+    """`get_config()` of the config file `name` in the folder of `here` (a config file's `__file__`),
+    for configs that extend another: configs/ is a folder of files, not a package."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(here)), name)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(name)[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _choice(config, key: str, choices) -> None:
