@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-GIB = 2 ** 30
 MIB = 2 ** 20
 LINK_FACTOR = {"all-gather": 1.0, "all-reduce": 2.0, "reduce-scatter": 1.0, "all-to-all": 1.0,
                "collective-permute": 1.0}
