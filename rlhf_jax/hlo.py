@@ -8,16 +8,17 @@ XLA's own `cost_analysis()` counts a while loop's body once, so a decode loop of
 scan over 32 layers) is undercounted 512-fold (32-fold); and it does not report collectives at all.
 This walks the program instead: a while loop's trip count comes from the loop's
 `known_trip_count` when XLA records one, else from the constant its condition compares the counter
-against (`i < N`: N; for a loop that may stop early, such as decoding until every row has an EOS,
-that is the most it runs).
+against over the constant step its body adds (`i < N`, `i += k`: N / k; for a loop that may stop
+early, such as decoding until every row has an EOS, that is the most it runs).
 
 The counts are what a roofline needs, not a simulation:
 - FLOPs: 2 x output elements x contraction size of every dot and convolution (TPU programs express
   matmuls as convolutions), inside fusions too; elementwise work is left out.
 - HBM bytes: every top-level instruction (a fusion counts as one) reads its operands and writes its
-  result once; a fusion reads only the slices it takes of an operand, and an in-place
-  dynamic-update-slice writes only the update. Parameters, tuples, bitcasts and the loops
-  themselves move nothing.
+  result once; slices and a fusion's sliced operands count what is taken, an in-place
+  dynamic-update-slice writes only the update, and buffers a fusion only passes through or that a
+  TPU program keeps on chip (layout memory space `S(n)`, n > 0) are not HBM traffic. Parameters,
+  tuples, bitcasts and the loops themselves move nothing.
 - collective bytes: the data each device contributes per collective: the gathered result of an
   all-gather, the operand of an all-reduce, reduce-scatter, all-to-all or collective-permute.
 """
@@ -54,6 +55,12 @@ def array_shapes(type_text: str, hbm_only: bool = False) -> list[tuple[str, tupl
 
 def type_bytes(type_text: str, hbm_only: bool = False) -> float:
     return sum(DTYPE_BYTES[d] * math.prod(dims) for d, dims in array_shapes(type_text, hbm_only))
+
+
+def largest_array_bytes(type_text: str, hbm_only: bool = False) -> float:
+    """Bytes of the largest array in a type: the result of an async `-start` op, whose tuple also
+    repeats its operands."""
+    return max((DTYPE_BYTES[d] * math.prod(dims) for d, dims in array_shapes(type_text, hbm_only)), default=0.0)
 
 
 @dataclasses.dataclass
@@ -296,6 +303,8 @@ class Costs:
         return sum(self.comm_by_kind.values())
 
     def add(self, other: "Costs", times: float) -> None:
+        """Add `other` run `times` times (its loops of unknown trip count once: they are loops, not runs)."""
+        self.unknown_trip_counts += other.unknown_trip_counts
         self.flops += other.flops * times
         self.hbm_bytes += other.hbm_bytes * times
         for k, v in other.comm_by_kind.items():
@@ -309,10 +318,7 @@ def _collective_kind(opcode: str) -> str | None:
 
 def _collective_bytes(inst: Instruction, kind: str, comp: Computation) -> float:
     if kind == "all-gather":
-        # all-gather-start's result is (operand, result): the gathered array is the largest
-        shapes = array_shapes(inst.type)
-        return max((DTYPE_BYTES[d] * math.prod(s) for d, s in shapes), default=0.0) if inst.opcode.endswith(
-            "-start") else inst.bytes
+        return largest_array_bytes(inst.type) if inst.opcode.endswith("-start") else inst.bytes
     return sum(comp.by_name[o].bytes for o in inst.operands if o in comp.by_name)
 
 
@@ -328,8 +334,7 @@ def computation_costs(computations: dict[str, Computation], name: str, fused: bo
     for inst in comp.instructions:
         op = inst.opcode
         if op in ("dot", "convolution"):
-            out = sum(math.prod(s) for _, s in array_shapes(inst.type)[:1])
-            costs.flops += 2.0 * out * contraction_size(inst, comp)
+            costs.flops += 2.0 * math.prod(array_shapes(inst.type)[0][1]) * contraction_size(inst, comp)
         kind = _collective_kind(op)
         if kind is not None:
             costs.comm_by_kind[kind] += _collective_bytes(inst, kind, comp)
@@ -342,13 +347,11 @@ def computation_costs(computations: dict[str, Computation], name: str, fused: bo
                 body.add(computation_costs(computations, called, False, memo), 1.0)
             costs.add(body, trips or 1)
             op_name = re.search(r'op_name="([^"]*)"', inst.attrs)
+            # Loops inside a loop's body are in its costs and not listed: XLA makes many small ones
+            # (a collective matmul's steps, say) that say nothing about the program's structure.
             costs.loops.append({"op_name": op_name.group(1) if op_name else inst.name, "trips": trips,
                                 "flops": body.flops, "hbm_bytes": body.hbm_bytes, "comm_bytes": body.comm_bytes,
                                 "comm_by_kind": dict(body.comm_by_kind)})
-            # Loops inside a loop's body are in its costs and not listed: XLA makes many small ones
-            # (a collective matmul's steps, say) that say nothing about the program's structure.
-            inner = computation_costs(computations, _called(inst.attrs, "body")[0], False, memo)
-            costs.unknown_trip_counts += inner.unknown_trip_counts
             continue
         for key_name in ("calls", "branch_computations", "true_computation", "false_computation"):
             for called in _called(inst.attrs, key_name):
@@ -381,8 +384,8 @@ def hbm_bytes(inst: Instruction, comp: Computation, computations: dict[str, Comp
         taken = type_bytes(taken_type)
         return (taken if operand_hbm and operand_hbm[0] else 0.0) + type_bytes(taken_type, hbm_only=True)
     result = inst.hbm
-    if op.endswith("-start"):  # the result tuple repeats the operands
-        result = max((DTYPE_BYTES[d] * math.prod(s) for d, s in array_shapes(inst.type, hbm_only=True)), default=0.0)
+    if op.endswith("-start"):
+        result = largest_array_bytes(inst.type, hbm_only=True)
     return sum(operand_hbm) + result
 
 

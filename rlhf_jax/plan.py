@@ -139,12 +139,6 @@ def time_report(hlo_text: str, chip) -> dict:
     return report
 
 
-def decode_loop(report: dict) -> dict | None:
-    """The rollout's decode loop among its loops (the sampler's while loop)."""
-    loops = [loop for loop in report.get("loops", ()) if loop["op_name"].endswith("jit(generate)/while")]
-    return max(loops, key=lambda loop: loop["trips"] or 0) if loops else None
-
-
 def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout", "update"),
          measure: bool | None = None) -> dict:
     """Compile the rollout and the update of `config` (on `topology`, or the local devices) and
@@ -252,10 +246,11 @@ def measured_seconds(step, compiled: dict, repeats: int = 3) -> dict:
 
 
 def _rollout_details(report: dict) -> None:
-    """The decode loop's collectives per token and what the rest (the prefill) moves."""
-    loop = decode_loop(report)
-    if loop is None:
+    """The decode loop's (the sampler's while loop) costs per token and what the rest (the prefill) moves."""
+    loops = [loop for loop in report["loops"] if loop["op_name"].endswith("jit(generate)/while")]
+    if not loops:
         return
+    loop = max(loops, key=lambda loop: loop["trips"] or 0)
     report["per_token_comm_mib"] = loop["comm_mib"]
     report["per_token_hbm_mib"] = loop["hbm_traffic_mib"]
     report["per_token_gflop"] = loop["flops"] / 1e9

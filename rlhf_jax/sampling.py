@@ -111,7 +111,7 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         reads the whole batch's keys and values, or samples the whole batch, at every step).
       shard_prefill: with `batch_mesh`, also pin the prefill's residual stream to the batch axes, so
         that its matmuls gather each layer's weights instead of all-reducing [batch, prompt, hidden]
-        partial sums (left to XLA, an 8B prefill of 64 x 512 tokens on 16 chips all-reduced 130 GiB
+        partial sums (left to XLA, an 8B prefill of 64 x 512 tokens on 16 chips all-reduced 74 GiB
         per chip). The decode loop is left to XLA: pinned too, it gathered every layer's weights at
         every token.
 
