@@ -350,10 +350,11 @@ def _main(argv):
     from absl import flags
 
     from rlhf_jax.config import ConfigError
+    from rlhf_jax.models.hf import CheckpointError
     try:
         result = plan(flags.FLAGS.config, flags.FLAGS.topology or None, tuple(flags.FLAGS.only),
                       measure=flags.FLAGS.measure)
-    except (ConfigError, PlanError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, PlanError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_table(result))

@@ -78,3 +78,10 @@ def test_plan_bad_arguments_are_one_line(args, message):
     result = _plan("--config=configs/tiny.py", *args)
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plan_names_an_unsupported_model_folder_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": 64, "use_sliding_window": True}))
+    result = _plan("--config=configs/tiny.py", f"--config.model.path={tmp_path}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "use_sliding_window=True" in result.stderr and "Traceback" not in result.stderr
