@@ -24,11 +24,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # a local HF folder (config.json + safetensors); empty: the built-in architecture below
-    # vocab_size 0: the tokenizer's; num_kv_heads / intermediate_size 0: num_heads / 4 x hidden_size.
+    # family: "gpt2", "llama" or "gemma3" (Gemma 3's text model). vocab_size 0: the tokenizer's;
+    # num_kv_heads / intermediate_size / head_dim 0: num_heads / 4 x hidden_size / hidden_size / num_heads.
+    # qk_norm: Qwen3's per-head query/key RMSNorm (llama family). sliding_window (gemma3): > 0 makes
+    # five of every six layers attend to that many positions only, at RoPE base 10000, as Gemma 3 does.
     c.model.builtin = ml_collections.ConfigDict(dict(
         family="gpt2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=0, intermediate_size=0,
-        max_position_embeddings=64, init_seed=0, vocab_size=0, rope_theta=10000.0, norm_eps=1e-5,
-        tie_word_embeddings=True, qk_norm=False))  # qk_norm: Qwen3's per-head query/key RMSNorm (llama family)
+        head_dim=0, max_position_embeddings=64, init_seed=0, vocab_size=0, rope_theta=10000.0, norm_eps=1e-5,
+        tie_word_embeddings=True, qk_norm=False, sliding_window=0))
     c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU, float32 on CPU
     c.model.param_dtype = "float32"
     c.model.value_model = "shared"  # "shared": value head on the policy's backbone; "separate": its own model
@@ -167,10 +170,19 @@ def validate(config, num_devices: int = 1) -> None:
     _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.param_dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.remat", ("none", "full", "dots"))
-    _choice(config, "model.builtin.family", ("gpt2", "llama"))
-    if config.model.builtin.qk_norm and config.model.builtin.family != "llama":
+    _choice(config, "model.builtin.family", ("gpt2", "llama", "gemma3"))
+    builtin = config.model.builtin
+    if builtin.qk_norm and builtin.family != "llama":
         raise ConfigError("config.model.builtin.qk_norm = True needs config.model.builtin.family = 'llama' "
-                          f"(got {config.model.builtin.family!r})")
+                          f"(got {builtin.family!r}; gemma3 always has it)")
+    _positive(config, "model.builtin.head_dim", allow_zero=True)
+    _positive(config, "model.builtin.sliding_window", allow_zero=True)
+    if builtin.sliding_window and builtin.family != "gemma3":
+        raise ConfigError(f"config.model.builtin.sliding_window = {builtin.sliding_window} needs "
+                          f"config.model.builtin.family = 'gemma3' (got {builtin.family!r})")
+    if builtin.head_dim and builtin.family == "gpt2":
+        raise ConfigError(f"config.model.builtin.head_dim = {builtin.head_dim}: the gpt2 family's is "
+                          "hidden_size / num_heads")
     _positive(config, "model.logits_chunk", allow_zero=True)
     if config.model.logits_chunk and config.sampling.max_new_tokens % config.model.logits_chunk:
         raise ConfigError(f"config.model.logits_chunk = {config.model.logits_chunk} does not divide "

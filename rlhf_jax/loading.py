@@ -94,12 +94,15 @@ def builtin_model_config(config, vocab_size: int) -> ModelConfig:
     heads = b.num_heads
     kw = dict(family=b.family, vocab_size=b.vocab_size or vocab_size, hidden_size=b.hidden_size,
               num_layers=b.num_layers, num_heads=heads, num_kv_heads=b.num_kv_heads or heads,
-              head_dim=b.hidden_size // heads, intermediate_size=b.intermediate_size or 4 * b.hidden_size,
+              head_dim=b.head_dim or b.hidden_size // heads, intermediate_size=b.intermediate_size or 4 * b.hidden_size,
               max_position_embeddings=b.max_position_embeddings, rope_theta=float(b.rope_theta),
               norm_eps=float(b.norm_eps), tie_word_embeddings=bool(b.tie_word_embeddings), qk_norm=bool(b.qk_norm),
               dtype=config.model.dtype, param_dtype=config.model.param_dtype)
     if b.family == "gpt2":
         kw.update(qkv_bias=True, o_bias=True, mlp_bias=True)
+    if b.family == "gemma3":
+        sliding = tuple(i for i in range(b.num_layers) if (i + 1) % 6) if b.sliding_window else ()
+        kw.update(qk_norm=True, sliding_window=b.sliding_window, sliding_layers=sliding, rope_local_theta=10000.0)
     return ModelConfig(**kw)
 
 

@@ -36,12 +36,23 @@ def hf_checkpoints(tmp_path_factory):
                                                           rope_parameters=rope_llama3)),
         "qwen2": tf.Qwen2ForCausalLM(tf.Qwen2Config(**TINY)),
         "qwen3": tf.Qwen3ForCausalLM(tf.Qwen3Config(**TINY, head_dim=8)),
+        # Gemma 3 with every option on: a sliding-window layer (window 3 of 10 positions) at its own RoPE
+        # base, a global one with linear RoPE scaling, soft-capped logits, a query scale.
+        "gemma3": tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            **TINY, head_dim=8, sliding_window=3, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=6, final_logit_softcapping=3.0,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+        "smollm3": tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**TINY, no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2)),
         "gpt2_scalar": tf.GPT2ForSequenceClassification(tf.GPT2Config(
             vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=1, pad_token_id=0)),
         "llama_scalar": tf.LlamaForSequenceClassification(tf.LlamaConfig(**TINY, num_labels=1, pad_token_id=0)),
+        "gemma3_scalar": tf.Gemma3TextForSequenceClassification(tf.Gemma3TextConfig(
+            **TINY, head_dim=8, sliding_window=3, layer_types=["sliding_attention", "full_attention"], num_labels=1)),
     }
-    # Norm weights start at one: make them random, so that a norm read into the wrong place shows.
-    for name, param in models["qwen3"].named_parameters():
+    # Norm weights start at one (Gemma's at zero, it adds one): make them random, so that a norm read
+    # into the wrong place shows.
+    for name, param in [*models["qwen3"].named_parameters(), *models["gemma3"].named_parameters()]:
         if "norm" in name:
             param.data.uniform_(0.5, 1.5)
     return {name: _save(model, root / name) for name, model in models.items()}

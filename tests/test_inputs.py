@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("checkpoint.max_to_keep", 0, "config.checkpoint.max_to_keep = 0: must be > 0"),
     ("model.builtin.qk_norm", True, "config.model.builtin.qk_norm = True needs config.model.builtin.family = 'llama'"),
     ("model.builtin.family", "qwen3", "config.model.builtin.family = 'qwen3'"),
+    ("model.builtin.sliding_window", 512, "config.model.builtin.sliding_window = 512 needs config.model.builtin.family = 'gemma3'"),
+    ("model.builtin.head_dim", -8, "config.model.builtin.head_dim = -8: must be >= 0"),
 ])
 def test_config_values(key, value, message):
     config = base_config()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from rlhf_jax.models.transformer import transpose_kernels
 torch = pytest.importorskip("torch")
 import transformers as tf  # noqa: E402
 
-CAUSAL = ["gpt2", "llama", "llama3_tied", "qwen2", "qwen3"]
+CAUSAL = ["gpt2", "llama", "llama3_tied", "qwen2", "qwen3", "gemma3", "smollm3"]
 
 
 def hf_logits(path, ids, mask, kind="causal_lm"):
@@ -49,7 +50,7 @@ def test_left_padding_equals_unpadded(name, hf_checkpoints, left_padded_batch):
     np.testing.assert_allclose(padded, alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2_scalar", "llama_scalar"])
+@pytest.mark.parametrize("name", ["gpt2_scalar", "llama_scalar", "gemma3_scalar"])
 def test_scalar_model_matches_sequence_classification(name, hf_checkpoints, left_padded_batch):
     ids, mask = left_padded_batch
     ours = load_pretrained(hf_checkpoints[name], kind="scalar")
@@ -60,7 +61,7 @@ def test_scalar_model_matches_sequence_classification(name, hf_checkpoints, left
     np.testing.assert_allclose(np.asarray(ours.sequence_scores(jnp.asarray(ids), jnp.asarray(mask))), ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "qwen2", "qwen3", "llama_scalar"])
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "qwen3", "gemma3", "smollm3", "llama_scalar"])
 def test_round_trip_through_transformers(name, hf_checkpoints, left_padded_batch, tmp_path):
     ids, mask = left_padded_batch
     kind = "scalar" if name.endswith("scalar") else "causal_lm"
@@ -75,20 +76,26 @@ def test_round_trip_through_transformers(name, hf_checkpoints, left_padded_batch
         np.testing.assert_allclose(again[real], first[real], atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "gemma3_text", "smollm3"])
 def test_builtin_model_exports_to_transformers(tmp_path, left_padded_batch, family):
     ids, mask = left_padded_batch
     if family == "gpt2":
         cfg = gpt2_config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32)
     else:
-        cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                          head_dim=8, intermediate_size=64, max_position_embeddings=32, qk_norm=True,
-                          tie_word_embeddings=False)
+        options = {"qwen3": dict(qk_norm=True), "smollm3": dict(nope_layers=(1,)),
+                   "gemma3_text": dict(family="gemma3", qk_norm=True, sliding_window=3, sliding_layers=(0,),
+                                       rope_local_theta=100.0, rope_scaling=(("factor", 2.0), ("rope_type", "linear")),
+                                       query_pre_attn_scalar=6, final_softcap=3.0)}[family]
+        cfg = ModelConfig(**{**dict(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=32,
+                                    tie_word_embeddings=False), **options})
     model = CausalLM(cfg, rngs=nnx.Rngs(3))
-    if family == "qwen3":  # norms start at one: make them differ, so that the export must carry them
+    if cfg.qk_norm:  # norms start at one (or zero): make them differ, so that the export must carry them
         for layer in model.backbone.layers:
             layer.attn.q_norm.scale[...] = 1.0 + 0.1 * jnp.arange(8.0)
             layer.attn.k_norm.scale[...] = 1.0 - 0.05 * jnp.arange(8.0)
+            if cfg.family == "gemma3":
+                layer.attn_post_norm.scale[...] = 0.01 * jnp.arange(32.0)
     save_pretrained(model, str(tmp_path / "m"))
     assert read_hf_config(str(tmp_path / "m"))["model_type"] == family
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))["logits"])
@@ -114,7 +121,7 @@ def test_output_index_and_transposed_kernels_match_full_forward(name, hf_checkpo
     assert model.backbone.layers[0].mlp.down_proj.kernel_t is not None
     np.testing.assert_allclose(np.asarray(model.backbone(ids, mask)[0]), full, atol=1e-5)
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3", "gemma3", "smollm3"])
 def test_kv_cache_decoding_matches_full_forward(name, hf_checkpoints, left_padded_batch):
     ids, mask = left_padded_batch
     model = load_pretrained(hf_checkpoints[name])
@@ -133,7 +140,7 @@ def test_kv_cache_decoding_matches_full_forward(name, hf_checkpoints, left_padde
     np.testing.assert_allclose(decoded[real], full[real], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3", "smollm3"])
 def test_greedy_generate_equals_transformers_generate(name, hf_checkpoints, left_padded_batch):
     import jax
     from flax import nnx as _nnx
@@ -158,6 +165,24 @@ def test_sliding_window_configs_are_refused(hf_checkpoints, tmp_path):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     with pytest.raises(CheckpointError, match="use_sliding_window"):
+        load_pretrained(path)
+
+
+@pytest.mark.parametrize("name,change,message", [
+    ("gemma3", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
+    ("gemma3", dict(layer_types=["sliding_attention", "chunked_attention"]), "layer_types"),
+    ("gemma3", dict(hidden_activation="silu"), "hidden_activation='silu'"),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0}}), "rope_type='yarn'"),
+    ("smollm3", dict(no_rope_layers=[1]), "no_rope_layers"),
+])
+def test_unimplemented_options_are_refused_by_name(hf_checkpoints, tmp_path, name, change, message):
+    path = _copy(hf_checkpoints[name], tmp_path / "m")
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.update(change)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
         load_pretrained(path)
 
 
@@ -227,3 +252,44 @@ def test_bf16_compute_runs_and_stays_close(hf_checkpoints, left_padded_batch):
     b = np.asarray(bf16(jnp.asarray(ids), jnp.asarray(mask))["logits"])
     real = mask.astype(bool)
     assert np.abs(a[real] - b[real]).max() < 0.05
+
+
+@pytest.mark.parametrize("name", ["gemma3", "smollm3"])
+def test_lora_merged_export_and_adapter_names_fit_transformers(name, hf_checkpoints, left_padded_batch, tmp_path):
+    import jax
+    from safetensors.numpy import load_file
+
+    from rlhf_jax.models.lora import save_adapters, with_lora
+    ids, mask = left_padded_batch
+    adapted = with_lora(load_pretrained(hf_checkpoints[name]), 2, 4.0, ("q_proj", "o_proj", "gate_proj", "down_proj"))
+    nnx.update(adapted, jax.tree.map(lambda x: x + 0.05, nnx.state(adapted, nnx.LoRAParam)))
+    save_pretrained(adapted, str(tmp_path / "merged"), hf_config=read_hf_config(hf_checkpoints[name]))
+    ours = np.asarray(adapted(jnp.asarray(ids), jnp.asarray(mask))["logits"])
+    real = mask.astype(bool)
+    np.testing.assert_allclose(hf_logits(str(tmp_path / "merged"), ids, mask)[real], ours[real], atol=1e-4)
+    # PEFT addresses adapters by the transformers module they wrap: each must exist in the HF model.
+    save_adapters(adapted, str(tmp_path / "adapters"))
+    modules = dict(tf.AutoModelForCausalLM.from_pretrained(hf_checkpoints[name]).named_modules())
+    names = load_file(str(tmp_path / "adapters" / "adapter_model.safetensors"))
+    wrapped = {n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n in names}
+    assert len(wrapped) == 2 * 4 and all(isinstance(modules[m], torch.nn.Linear) for m in wrapped)
+
+
+def test_builtin_gemma3_windows_five_layers_in_six():
+    from rlhf_jax.config import base_config
+    from rlhf_jax.loading import builtin_model_config
+    config = base_config()
+    config.model.builtin.update(family="gemma3", num_layers=7, head_dim=32, sliding_window=4)
+    cfg = builtin_model_config(config, vocab_size=50)
+    assert (cfg.sliding_layers, cfg.sliding_window, cfg.head_dim, cfg.qk_norm) == ((0, 1, 2, 3, 4, 6), 4, 32, True)
+    ids = jnp.ones((1, 6), jnp.int32)
+    assert CausalLM(cfg, rngs=nnx.Rngs(0))(ids, ids)["logits"].shape == (1, 6, 50)
+
+
+def test_missing_config_field_is_named(hf_checkpoints, tmp_path):
+    path = _copy(hf_checkpoints["gemma3"], tmp_path / "m")
+    config = json.load(open(os.path.join(path, "config.json")))
+    del config["intermediate_size"]
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="config.json of model_type='gemma3_text' has no field 'intermediate_size'"):
+        load_pretrained(path)

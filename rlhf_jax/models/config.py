@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "gemma3")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -16,9 +16,12 @@ class ModelConfig:
     """A decoder-only transformer.
 
     `family` selects the block layout: "gpt2" (learned positions, LayerNorm,
-    tanh-GELU MLP, biases everywhere) or "llama" (RoPE, RMSNorm, SwiGLU,
+    tanh-GELU MLP, biases everywhere), "llama" (RoPE, RMSNorm, SwiGLU,
     grouped-query attention; Qwen2 and Mistral are "llama" with other bias
-    flags, Qwen3 with `qk_norm`). Frozen so it can be a static argument of jitted functions.
+    flags, Qwen3 with `qk_norm`, SmolLM3 with `nope_layers`) or "gemma3" (Gemma 3's text model:
+    the llama layout with (1 + weight) RMSNorms before and after both attention and the MLP,
+    embeddings times sqrt(hidden_size), tanh-GELU gating, query/key norms, and the options below).
+    Frozen so it can be a static argument of jitted functions.
     """
 
     family: str
@@ -32,7 +35,8 @@ class ModelConfig:
     max_position_embeddings: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # llama3 rope scaling as a sorted tuple of (key, value) pairs (hashable).
+    # RoPE scaling as a sorted tuple of (key, value) pairs (hashable), with "rope_type" "llama3"
+    # (factor, low/high_freq_factor, original_max_position_embeddings) or "linear" (factor).
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     tie_word_embeddings: bool = True
     qkv_bias: bool = False
@@ -40,6 +44,17 @@ class ModelConfig:
     mlp_bias: bool = False
     # Qwen3: an RMSNorm over each head's query and key, before RoPE.
     qk_norm: bool = False
+    # Attention scores are divided by sqrt(query_pre_attn_scalar) (0: sqrt(head_dim)); Gemma sets it.
+    query_pre_attn_scalar: int = 0
+    # Soft-capping of the final logits, cap * tanh(x / cap) (0: none).
+    final_softcap: float = 0.0
+    # The layers in `sliding_layers` attend to the last `sliding_window` positions only (their own
+    # included), with RoPE base `rope_local_theta` (0: rope_theta) and no RoPE scaling (Gemma 3).
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_theta: float = 0.0
+    # Layers that use no positional encoding at all (SmolLM3's NoPE layers).
+    nope_layers: tuple[int, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
     # LoRA adapters (rank 0: none) on the named projections: q_proj, k_proj, v_proj, o_proj,
@@ -58,8 +73,18 @@ class ModelConfig:
         unknown = set(self.lora_targets) - set(LORA_TARGETS)
         if unknown:
             raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {LORA_TARGETS}")
+        if self.family == "gemma3" and not self.qk_norm:
+            raise ValueError("the gemma3 family normalises queries and keys: qk_norm must be True")
         if self.family == "gpt2" and self.qk_norm:
             raise ValueError("qk_norm (Qwen3's per-head query/key RMSNorm) needs the llama family")
+        if self.sliding_layers and self.sliding_window <= 0:
+            raise ValueError(f"sliding_layers {self.sliding_layers} need sliding_window > 0")
+        for name in ("sliding_layers", "nope_layers"):
+            outside = [i for i in getattr(self, name) if not 0 <= i < self.num_layers]
+            if outside:
+                raise ValueError(f"{name}: layer(s) {outside} outside 0..{self.num_layers - 1}")
+        if self.family == "gpt2" and (self.nope_layers or self.rope_scaling or self.rope_local_theta):
+            raise ValueError("the gpt2 family has learned positions, no RoPE options")
         if self.family == "gpt2" and self.num_kv_heads != self.num_heads:
             raise ValueError("the gpt2 family has no grouped-query attention: num_kv_heads must equal num_heads")
 

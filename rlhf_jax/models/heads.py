@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import Dense, Transformer, matmul
+from rlhf_jax.models.transformer import Dense, Transformer, matmul, softcap
 
 
 def last_token_index(mask):
@@ -40,11 +40,13 @@ class CausalLM(nnx.Module):
         )
 
     def logits(self, hidden):
-        """hidden: f[..., d] -> f32 logits [..., vocab]."""
+        """hidden: f[..., d] -> f32 logits [..., vocab] (soft-capped where the config says so)."""
         if self.lm_head is None:
             embed = self.backbone.embed[...].astype(hidden.dtype)
-            return matmul(hidden, embed.T).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            logits = matmul(hidden, embed.T).astype(jnp.float32)
+        else:
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        return softcap(logits, self.cfg.final_softcap)
 
     def values(self, hidden):
         """hidden: f[..., d] -> f32 values [...]."""

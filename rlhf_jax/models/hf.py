@@ -25,7 +25,7 @@ from rlhf_jax.models.lora import merged_params
 from rlhf_jax.models.tree import unflatten
 from rlhf_jax.sharding import spec_for
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3_text")
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -35,7 +35,15 @@ class CheckpointError(ValueError):
 
 
 def config_from_hf(hf: dict, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
-    """Translate a transformers config.json dict into a ModelConfig, or raise naming what is unsupported."""
+    """Translate a transformers config.json dict into a ModelConfig, or raise naming what is unsupported
+    (or missing)."""
+    try:
+        return _config_from_hf(hf, dtype, param_dtype)
+    except KeyError as e:
+        raise CheckpointError(f"config.json of model_type={hf.get('model_type')!r} has no field {e.args[0]!r}") from None
+
+
+def _config_from_hf(hf: dict, dtype: str, param_dtype: str) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
@@ -56,29 +64,81 @@ def config_from_hf(hf: dict, dtype: str = "float32", param_dtype: str = "float32
             num_kv_heads=hf["n_head"], head_dim=d // hf["n_head"],
             intermediate_size=hf.get("n_inner") or 4 * d, max_position_embeddings=hf["n_positions"],
             norm_eps=hf.get("layer_norm_epsilon", 1e-5), qkv_bias=True, o_bias=True, mlp_bias=True, **common)
+    if model_type != "gemma3_text":
+        _refuse_sliding_windows(hf, model_type)
+    heads = hf["num_attention_heads"]
+    d = hf["hidden_size"]
+    shape = dict(hidden_size=d, num_layers=hf["num_hidden_layers"], num_heads=heads,
+                 num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or d // heads,
+                 intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
+                 norm_eps=hf.get("rms_norm_eps", 1e-6), **common)
+    if model_type == "gemma3_text":
+        return _gemma3_config(hf, shape)
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"unsupported hidden_act={act!r} for {model_type} (only 'silu')")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise CheckpointError(f"unsupported rope_type={rope_type!r} (supported: 'default', 'llama3')")
-    scaling = None
-    if rope_type == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        scaling = tuple(sorted((k, rope[k]) for k in keys))
-    _refuse_sliding_windows(hf, model_type)
-    heads = hf["num_attention_heads"]
-    d = hf["hidden_size"]
+    theta, scaling = _rope(rope, hf.get("rope_theta", 10000.0), ("default", "llama3"))
+    nope = ()
+    if model_type == "smollm3":  # no_rope_layers: 1 where a layer uses RoPE, 0 where it has none
+        flags = hf.get("no_rope_layers") or [1] * shape["num_layers"]
+        if len(flags) != shape["num_layers"] or set(flags) - {0, 1}:
+            raise CheckpointError(f"unsupported smollm3 no_rope_layers={flags!r} (one 0 or 1 per layer)")
+        nope = tuple(i for i, use in enumerate(flags) if not use)
     qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
     return ModelConfig(
-        family="llama", hidden_size=d, num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or d // heads,
-        intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-        qkv_bias=qkv_bias, o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3", **common)
+        family="llama", rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias,
+        o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3", nope_layers=nope, **shape)
+
+
+def _rope(rope: dict, theta, supported: tuple[str, ...]) -> tuple[float, tuple | None]:
+    """(base, scaling) from a transformers RoPE dict (rope_parameters or the older rope_scaling)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in supported:
+        raise CheckpointError(f"unsupported rope_type={rope_type!r} (supported: {', '.join(map(repr, supported))})")
+    keys = {"default": (), "linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[rope_type]
+    scaling = tuple(sorted([(k, rope[k]) for k in keys] + [("rope_type", rope_type)])) if keys else None
+    return float(rope.get("rope_theta", theta)), scaling
+
+
+def _gemma3_config(hf: dict, shape: dict) -> ModelConfig:
+    """Gemma 3's text model (`gemma3_text`), refusing, by field, what is not implemented."""
+    act = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise CheckpointError(f"unsupported gemma3_text hidden_activation={act!r} (only 'gelu_pytorch_tanh')")
+    if hf.get("attn_logit_softcapping"):  # Gemma 2's; Gemma 3 checkpoints leave it null
+        raise CheckpointError(f"unsupported gemma3_text attn_logit_softcapping={hf['attn_logit_softcapping']!r}: "
+                              "transformers' Gemma 3 does not apply it, so no result would match theirs")
+    if hf.get("use_bidirectional_attention"):
+        raise CheckpointError("unsupported gemma3_text option use_bidirectional_attention=True (causal LMs only)")
+    layers = shape["num_layers"]
+    pattern = hf.get("sliding_window_pattern", 6)
+    types = hf.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                      for i in range(layers)]
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown or len(types) != layers:
+        raise CheckpointError(f"unsupported gemma3_text layer_types={types!r} (one 'full_attention' or "
+                              f"'sliding_attention' per layer)")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    window = hf.get("sliding_window") or 0
+    if sliding and window <= 0:
+        raise CheckpointError(f"gemma3_text sliding_window={hf.get('sliding_window')!r} with sliding layers {sliding}")
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:  # transformers 5: one dict per layer type
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:  # older config.json files
+        full = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e6)}
+        local = {"rope_theta": hf.get("rope_local_base_freq", 1e4)}
+    theta, scaling = _rope(full, 1e6, ("default", "linear"))
+    local_theta, _ = _rope(local, 1e4, ("default",))
+    bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        family="gemma3", rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
+        sliding_window=window if sliding else 0, sliding_layers=sliding, qk_norm=True, qkv_bias=bias, o_bias=bias,
+        query_pre_attn_scalar=int(hf.get("query_pre_attn_scalar") or shape["head_dim"]),
+        final_softcap=float(hf.get("final_logit_softcapping") or 0.0), **shape)
 
 
 def _refuse_sliding_windows(hf: dict, model_type: str) -> None:
@@ -99,8 +159,12 @@ def hf_config_from(cfg: ModelConfig, architecture: str = "causal_lm", extra: dic
             layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
             attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, summary_first_dropout=0.0)
         arch = {"causal_lm": "GPT2LMHeadModel", "scalar": "GPT2ForSequenceClassification"}[architecture]
+    elif cfg.family == "gemma3":
+        hf = _gemma3_hf_config(cfg)
+        arch = {"causal_lm": "Gemma3ForCausalLM", "scalar": "Gemma3TextForSequenceClassification"}[architecture]
     else:
-        model_type = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama"
+        model_type = ("smollm3" if cfg.nope_layers else "qwen3" if cfg.qk_norm
+                      else "qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama")
         hf = dict(
             model_type=model_type, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -109,11 +173,13 @@ def hf_config_from(cfg: ModelConfig, architecture: str = "causal_lm", extra: dic
             rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"})
         if model_type != "qwen2":
             hf["attention_bias"] = cfg.qkv_bias
-        if model_type == "qwen3":
+        if model_type in ("qwen3", "smollm3"):
             hf.update(use_sliding_window=False, layer_types=["full_attention"] * cfg.num_layers)
+        if model_type == "smollm3":
+            hf["no_rope_layers"] = [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)]
         if cfg.rope_scaling:
-            hf["rope_parameters"].update(dict(cfg.rope_scaling), rope_type="llama3")
-        prefix = {"qwen2": "Qwen2", "qwen3": "Qwen3"}.get(model_type, "Llama")
+            hf["rope_parameters"].update(dict(cfg.rope_scaling))
+        prefix = {"qwen2": "Qwen2", "qwen3": "Qwen3", "smollm3": "SmolLM3"}.get(model_type, "Llama")
         arch = prefix + {"causal_lm": "ForCausalLM", "scalar": "ForSequenceClassification"}[architecture]
     hf.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_word_embeddings,
               architectures=[arch], dtype=cfg.param_dtype)
@@ -121,6 +187,22 @@ def hf_config_from(cfg: ModelConfig, architecture: str = "causal_lm", extra: dic
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     hf.update(extra or {})
     return hf
+
+
+def _gemma3_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
+    return dict(
+        model_type="gemma3_text", hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_eps, hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.qkv_bias,
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+        attn_logit_softcapping=None, final_logit_softcapping=cfg.final_softcap or None,
+        sliding_window=cfg.sliding_window or cfg.max_position_embeddings, use_bidirectional_attention=False,
+        layer_types=["sliding_attention" if i in cfg.sliding_layers else "full_attention"
+                     for i in range(cfg.num_layers)],
+        rope_parameters={"full_attention": full, "sliding_attention": {
+            "rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}})
 
 
 def _key_map(cfg: ModelConfig, kind: str) -> dict[tuple, tuple[str, str]]:
@@ -135,6 +217,9 @@ def _key_map(cfg: ModelConfig, kind: str) -> dict[tuple, tuple[str, str]]:
         m[("backbone", "pos_embed")] = (base + "wpe.weight", "")
     norms = {"attn_norm": "ln_1", "mlp_norm": "ln_2"} if gpt2 else {
         "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if cfg.family == "gemma3":  # its post_attention_layernorm normalises the attention's output
+        norms = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}
     for i in range(cfg.num_layers):
         ours = ("backbone", "layers", i)
         theirs = f"{base}{'h' if gpt2 else 'layers'}.{i}."
@@ -314,10 +399,10 @@ def save_pretrained(model, path: str, *, hf_config: dict | None = None, params=N
         else:
             params = nnx.state(model, nnx.Param)
     tensors = export_tensors(params, cfg, kind)
-    config = hf_config_from(cfg, kind)
-    if hf_config is not None:
-        # Keep the source's other fields (token ids, chat settings); ours win on the architecture.
-        config = {**hf_config, **config}
+    # Keep the source's other fields (token ids, chat settings); ours win on the architecture. Without
+    # a source, no token ids: transformers' defaults (SmolLM3's 128004, ...) may lie outside our vocabulary.
+    no_tokens = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
+    config = {**no_tokens, **(hf_config or {}), **hf_config_from(cfg, kind)}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

@@ -1,4 +1,4 @@
-"""One decoder-only transformer (Flax NNX) for the GPT-2 and Llama/Qwen2/Qwen3/Mistral families.
+"""One decoder-only transformer (Flax NNX) for the GPT-2, Llama/Qwen2/Qwen3/Mistral/SmolLM3 and Gemma 3 families.
 
 Left padding is handled here, not by callers: position ids come from the
 attention mask (`cumsum(mask) - 1`), and padded keys are masked out, so a
@@ -94,20 +94,22 @@ class Dense(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """LayerNorm (gpt2) or RMSNorm (llama), computed in f32."""
+    """LayerNorm (gpt2) or RMSNorm (llama; gemma3's multiplies by 1 + scale), computed in f32."""
 
     def __init__(self, dim: int, cfg: ModelConfig):
-        self.rms = cfg.family == "llama"
+        self.rms = cfg.family != "gpt2"
+        self.plus_one = cfg.family == "gemma3"
         self.eps = cfg.norm_eps
         self.dtype = cfg.compute_dtype
-        self.scale = nnx.Param(jnp.ones((dim,), cfg.weight_dtype))
+        self.scale = nnx.Param((jnp.zeros if self.plus_one else jnp.ones)((dim,), cfg.weight_dtype))
         self.bias = None if self.rms else nnx.Param(jnp.zeros((dim,), cfg.weight_dtype))
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         if self.rms:
             y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-            return (self.scale[...].astype(jnp.float32) * y).astype(self.dtype)
+            scale = self.scale[...].astype(jnp.float32)
+            return ((1.0 + scale if self.plus_one else scale) * y).astype(self.dtype)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
@@ -115,14 +117,18 @@ class Norm(nnx.Module):
         return y.astype(self.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
-    """Inverse RoPE frequencies, with llama3 scaling when the config has it."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jnp.ndarray:
+    """Inverse RoPE frequencies, with the config's scaling; `local`: a sliding-window layer's (its own
+    base, no scaling)."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    if not cfg.rope_scaling:
+    theta = (cfg.rope_local_theta or cfg.rope_theta) if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if not cfg.rope_scaling or local:
         return inv_freq
     scaling = dict(cfg.rope_scaling)
     factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -131,6 +137,20 @@ def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return jnp.where(is_medium, smoothed, scaled)
+
+
+def layer_inv_freqs(cfg: ModelConfig) -> list:
+    """Each layer's inverse RoPE frequencies (None: no RoPE in that layer)."""
+    if cfg.family == "gpt2":
+        return [None] * cfg.num_layers
+    full, local = rope_inv_freq(cfg), rope_inv_freq(cfg, local=True) if cfg.sliding_layers else None
+    return [None if i in cfg.nope_layers else local if i in cfg.sliding_layers else full
+            for i in range(cfg.num_layers)]
+
+
+def softcap(x, cap: float):
+    """cap * tanh(x / cap) (Gemma's soft-capping; cap 0: x unchanged)."""
+    return cap * jnp.tanh(x / cap) if cap else x
 
 
 def apply_rope(x, positions, inv_freq):
@@ -211,7 +231,7 @@ class Attention(nnx.Module):
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, s, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
         scores = jnp.einsum("bkgsd,bktd->bkgst", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
+        scores = scores / math.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim)
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgst,bktd->bskgd", probs, v).reshape(b, s, cfg.num_heads * cfg.head_dim)
@@ -221,7 +241,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, i = cfg.hidden_size, cfg.intermediate_size
-        self.gated = cfg.family == "llama"
+        self.gated = cfg.family != "gpt2"
+        self.activation = jax.nn.silu if cfg.family == "llama" else lambda y: jax.nn.gelu(y, approximate=True)
         if self.gated:
             self.gate_proj = Dense(d, i, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, name="gate_proj")
         self.up_proj = Dense(d, i, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, name="up_proj")
@@ -229,24 +250,31 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         if self.gated:
-            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
+            return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.activation(self.up_proj(x)))
 
 
 class Block(nnx.Module):
+    """Pre-norm attention and MLP, each added to the residual stream; gemma3 also normalises
+    each one's output before adding it."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.attn_norm = Norm(cfg.hidden_size, cfg)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = Norm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs=rngs)
+        sandwich = cfg.family == "gemma3"
+        self.attn_post_norm = Norm(cfg.hidden_size, cfg) if sandwich else None
+        self.mlp_post_norm = Norm(cfg.hidden_size, cfg) if sandwich else None
 
     def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq, query_index=None):
         h, new_cache = self.attn(self.attn_norm(x), positions, allowed, kv_cache, cache_index, inv_freq,
                                  query_index)
         if query_index is not None:
             x = select_positions(x, query_index)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), new_cache
+        x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h)), new_cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
@@ -333,35 +361,41 @@ class Transformer(nnx.Module):
         mask = attention_mask.astype(bool)
         seq = input_ids.shape[1]
         offsets = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+        # Slots: where each query and key sits in the cache (the sequence index without one);
+        # causality and sliding windows are over slots, as in transformers.
         if cache is None:
             positions = jnp.maximum(offsets, 0)
-            causal = jnp.tril(jnp.ones((seq, seq), bool))
-            allowed = causal[None] & mask[:, None, :]
             index = None
+            query_slots = key_slots = jnp.arange(seq)
+            keys_real = mask
         else:
             index = cache["index"]
             positions = jnp.maximum(cache["positions"][:, None] + offsets, 0)
             key_mask = jax.lax.dynamic_update_slice(cache["key_mask"], mask, (0, index))
-            slots = jnp.arange(seq if fresh_cache else key_mask.shape[1])
-            causal = slots[None, :] <= (index + jnp.arange(seq))[:, None]
-            allowed = causal[None] & (mask if fresh_cache else key_mask)[:, None, :]
+            query_slots = index + jnp.arange(seq)
+            key_slots = jnp.arange(seq if fresh_cache else key_mask.shape[1])
+            keys_real = mask if fresh_cache else key_mask
+        distance = query_slots[:, None] - key_slots[None, :]
+        allowed = (distance >= 0)[None] & keys_real[:, None, :]
+        windowed = allowed & (distance < cfg.sliding_window)[None] if cfg.sliding_layers else None
         x = self.embed[...][input_ids].astype(cfg.compute_dtype)
         if cfg.family == "gpt2":
             x = x + self.pos_embed[...][positions].astype(cfg.compute_dtype)
-            inv_freq = None
-        else:
-            inv_freq = rope_inv_freq(cfg)
+        if cfg.family == "gemma3":  # transformers rounds the scale to the weights' dtype first
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.weight_dtype).astype(cfg.compute_dtype)
+        inv_freqs = layer_inv_freqs(cfg)
         constrain = constrain or (lambda y: y)
         x = constrain(x)
         new_k, new_v = [], []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             query_index = output_index if i == last else None
+            layer_allowed = windowed if i in cfg.sliding_layers else allowed
             if cache is None and remat != "none" and query_index is None:
-                x = _remat_block(layer, x, positions, allowed, inv_freq, remat)
+                x = _remat_block(layer, x, positions, layer_allowed, inv_freqs[i], remat)
             else:
                 layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, layer_cache = layer(x, positions, allowed, layer_cache, index, inv_freq, query_index)
+                x, layer_cache = layer(x, positions, layer_allowed, layer_cache, index, inv_freqs[i], query_index)
                 if cache is not None:
                     new_k.append(layer_cache[0])
                     new_v.append(layer_cache[1])
