@@ -99,7 +99,7 @@ def test_flipped_byte_in_checkpoint_data_is_caught_by_its_checksums(tmp_path, ca
              for name in names]
     biggest = max(files, key=os.path.getsize)
     data = bytearray(open(biggest, "rb").read())
-    data[len(data) // 2] ^= 0x10
+    data[len(data) // 2] ^= 0x01  # the lowest bit of a float32 byte: a mantissa (or exponent LSB) bit, finite
     open(biggest, "wb").write(bytes(data))
     config.train.num_iterations = 5
     with caplog.at_level("WARNING", logger="rlhf_jax.checkpoint"):
