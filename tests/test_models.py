@@ -148,13 +148,17 @@ def test_greedy_generate_equals_transformers_generate(name, hf_checkpoints, left
     from rlhf_jax.sampling import generate
     ids, mask = left_padded_batch
     graphdef, params = _nnx.split(load_pretrained(hf_checkpoints[name]))
+    # Both stop a row at the config's EOS and pad after it (transformers' min_new_tokens would instead
+    # forbid the EOS, a different distribution).
+    eos = read_hf_config(hf_checkpoints[name]).get("eos_token_id")
     ours = generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), max_new_tokens=16,
-                    temperature=0.0)
+                    temperature=0.0, eos_ids=() if eos is None else (eos,), pad_id=0)
     model = tf.AutoModelForCausalLM.from_pretrained(hf_checkpoints[name]).eval()
     with torch.no_grad():
         ref = model.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                             max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(ours["response_ids"]), ref[:, ids.shape[1]:].numpy())
+                             max_new_tokens=16, do_sample=False, pad_token_id=0)[:, ids.shape[1]:].numpy()
+    ref = np.pad(ref, ((0, 0), (0, 16 - ref.shape[1])))  # every row ended before 16 tokens: pads
+    np.testing.assert_array_equal(np.asarray(ours["response_ids"]), ref)
 
 
 def test_sliding_window_configs_are_refused(hf_checkpoints, tmp_path):

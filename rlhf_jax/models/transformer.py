@@ -361,23 +361,26 @@ class Transformer(nnx.Module):
         mask = attention_mask.astype(bool)
         seq = input_ids.shape[1]
         offsets = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
-        # Slots: where each query and key sits in the cache (the sequence index without one);
-        # causality and sliding windows are over slots, as in transformers.
+        # Causality and sliding windows are over slots (where each query and key sits in the cache;
+        # the sequence index without one), as in transformers.
         if cache is None:
             positions = jnp.maximum(offsets, 0)
             index = None
-            query_slots = key_slots = jnp.arange(seq)
+            # A constant lower triangle: XLA:CPU's update ran 5-10% slower with the same mask as a
+            # comparison of iotas.
+            causal = jnp.tril(jnp.ones((seq, seq), bool))
+            window = jnp.triu(jnp.ones((seq, seq), bool), 1 - cfg.sliding_window) if cfg.sliding_layers else None
             keys_real = mask
         else:
             index = cache["index"]
             positions = jnp.maximum(cache["positions"][:, None] + offsets, 0)
             key_mask = jax.lax.dynamic_update_slice(cache["key_mask"], mask, (0, index))
-            query_slots = index + jnp.arange(seq)
-            key_slots = jnp.arange(seq if fresh_cache else key_mask.shape[1])
+            distance = (index + jnp.arange(seq))[:, None] - jnp.arange(seq if fresh_cache else key_mask.shape[1])
+            causal = distance >= 0
+            window = distance < cfg.sliding_window
             keys_real = mask if fresh_cache else key_mask
-        distance = query_slots[:, None] - key_slots[None, :]
-        allowed = (distance >= 0)[None] & keys_real[:, None, :]
-        windowed = allowed & (distance < cfg.sliding_window)[None] if cfg.sliding_layers else None
+        allowed = causal[None] & keys_real[:, None, :]
+        windowed = allowed & window[None] if cfg.sliding_layers else None
         x = self.embed[...][input_ids].astype(cfg.compute_dtype)
         if cfg.family == "gpt2":
             x = x + self.pos_embed[...][positions].astype(cfg.compute_dtype)
