@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 WORKDIR ?= runs/demo
 
-.PHONY: demo test install smollm2 clean
+.PHONY: demo test install smollm2 readme clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: $(STAMP)
 
 test: $(TEST_EXTRAS)
 	$(BIN)/python -m pytest tests
+
+# Every command of README.md, in order, in a fresh clone of HEAD (slow: it includes make demo and make test).
+readme:
+	$(PY) scripts/check_readme.py
 
 clean:
 	rm -rf $(VENV) runs

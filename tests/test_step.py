@@ -1,5 +1,5 @@
 """The PPO iteration as pure functions: compiled from shapes alone, state-carried reward
-normalisation, the README's own-loop example, and imports that point one way."""
+normalisation, and imports that point one way."""
 
 import ast
 import os
@@ -75,28 +75,6 @@ def test_reference_normalisation_is_state_not_a_traced_constant():
     assert update._cache_size() == 1
     np.testing.assert_allclose(means[0.0], float(raw.mean()), rtol=1e-5)
     np.testing.assert_allclose(means[2.0], (float(raw.mean()) - 2.0) / 4.0, rtol=1e-5)
-
-
-def readme_block(heading: str) -> str:
-    """The first ```python block after `heading` in README.md."""
-    lines = open(os.path.join(ROOT, "README.md")).read().splitlines()
-    start = lines.index(heading)
-    open_at = next(i for i in range(start, len(lines)) if lines[i].strip() == "```python")
-    close_at = next(i for i in range(open_at + 1, len(lines)) if lines[i].strip() == "```")
-    return "\n".join(lines[open_at + 1:close_at])
-
-
-def test_readme_own_loop_example_runs_verbatim(capsys):
-    code = readme_block("## Your own loop")
-    namespace = {"__name__": "readme_example"}
-    exec(compile(code, "README.md:Your own loop", "exec"), namespace)
-    state = namespace["state"]
-    assert int(state.step) == 3
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in printed] == ["0", "1", "2"]
-    assert all(np.isfinite(float(v)) for line in printed for v in line.split()[1:])
-    # Iteration 0 samples from the reference itself: the KL is 0 up to the decode/scoring arithmetic.
-    assert abs(float(printed[0].split()[2])) < 1e-4
 
 
 def _library_imports():
