@@ -112,7 +112,9 @@ def load_tokenizer(config, workdir: str | None):
 
     path = config.tokenizer.path or config.model.path
     if not path:
-        cache = os.path.join(workdir or os.path.expanduser("~/.cache/rlhf_jax"), "tokenizer")
+        # One folder per task: a task's build_tokenizer keeps a folder that already holds a tokenizer.
+        task = config.data.builtin.rsplit(".", 1)[-1]
+        cache = os.path.join(workdir or os.path.expanduser("~/.cache/rlhf_jax"), f"tokenizer-{task}")
         path = builtin_task(config).build_tokenizer(cache)
     tokenizer = AutoTokenizer.from_pretrained(path)  # local folder; trust_remote_code stays off
     tokenizer.padding_side = "left"

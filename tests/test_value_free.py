@@ -63,10 +63,14 @@ def test_one_iteration_without_a_value_model(tmp_path, algorithm, ppo):
     np.testing.assert_allclose(float(metrics["reward/mean"]), scores.mean(), rtol=1e-6)
 
 
-def test_the_trainer_samples_each_prompt_num_generations_times(tmp_path):
-    trainer = PPOTrainer(config_for("grpo"), str(tmp_path))
+def test_the_trainer_runs_grpo_on_the_tiny_arithmetic_task(tmp_path):
+    config = config_for("grpo")
+    config.data.update(builtin="rlhf_jax.tasks.arithmetic", max_prompt_len=3)
+    config.reward.function = "rlhf_jax.tasks.arithmetic:exact_match_reward"
+    trainer = PPOTrainer(config, str(tmp_path))
+    assert trainer.tokenizer.decode(trainer.prompt_ids[0][-3:]).split()[1] == "plus"
     state, metrics, _ = trainer.iteration(trainer.init_state())
-    assert int(state.step) == 1 and np.isfinite(metrics["loss"])
+    assert int(state.step) == 1 and np.isfinite(metrics["loss"]) and 0.0 <= metrics["reward/mean"] <= 1.0
     ppo = PPOTrainer(tiny.get_config(), str(tmp_path / "ppo"))
     # The PPO policy carries a value head; the GRPO one does not.
     assert n_params(ppo.init_state().params) > n_params(state.params)

@@ -16,6 +16,8 @@ import re
 
 import numpy as np
 
+from rlhf_jax.tasks.words import save_word_tokenizer
+
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
 SUBJECTS = ["the movie", "the film", "the plot", "the acting", "the ending", "the story", "the cast",
@@ -127,20 +129,7 @@ def sample_prompts(n: int, seed: int = 0, max_words: int = 3) -> list[str]:
 
 def build_tokenizer(folder: str) -> str:
     """Save a word-level tokenizer (pad != eos) that AutoTokenizer loads; returns the folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    if os.path.exists(os.path.join(folder, "tokenizer.json")):
-        return folder
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
-    fast.padding_side = "left"
-    os.makedirs(folder, exist_ok=True)
-    fast.save_pretrained(folder)
-    return folder
+    return save_word_tokenizer(folder, vocabulary(), PAD, EOS, UNK)
 
 
 def write_prompts(path: str, n: int = 512, seed: int = 0) -> str:
