@@ -22,8 +22,11 @@ class PromptReport:
     rejected_empty: int = 0
 
 
-def read_prompts(path: str, field: str = "prompt") -> list[str]:
-    """Prompts from a JSONL file (one object per line, text under `field`) or a HF datasets folder."""
+def read_prompts(path: str, field: str = "prompt") -> list:
+    """Prompts from a JSONL file (one object per line, under `field`) or a HF datasets folder.
+
+    A prompt is a string, or in a JSONL file also a conversation: a list of {"role", "content"}
+    messages (for `data.chat_template`; e.g. a worked example before the question)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data.path: no such file or folder {path!r}")
     if os.path.isdir(path):
@@ -58,13 +61,19 @@ def read_prompts(path: str, field: str = "prompt") -> list[str]:
             if field not in record:
                 raise ConfigError(f"data.path {path}:{line_no}: no field {field!r} (data.field); fields: "
                                   f"{sorted(record)}")
-            if not isinstance(record[field], str):
+            if not (isinstance(record[field], str) or _is_conversation(record[field])):
                 raise ConfigError(f"data.path {path}:{line_no}: {field!r} is {json.dumps(record[field])[:40]}, "
-                                  "not a string")
+                                  "not a string or a list of {\"role\": ..., \"content\": ...} messages")
             prompts.append(record[field])
     if not prompts:
         raise ConfigError(f"data.path {path}: no prompts in it (expected JSON lines with a {field!r} field)")
     return prompts
+
+
+def _is_conversation(value) -> bool:
+    return (isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(v, str) for v in m.values())
+        for m in value))
 
 
 def tokenize_prompts(prompts: list[str], tokenizer, max_len: int, truncation: str = "left"):

@@ -140,8 +140,11 @@ def load_prompts(config, tokenizer) -> Prompts:
     else:
         raw = builtin_task(c).sample_prompts(c.data.builtin_prompts, seed=c.seed)
     if c.data.chat_template:
-        raw = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True) for p in raw]
+        raw = [tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
+                                             tokenize=False, add_generation_prompt=True) for p in raw]
+    elif not all(isinstance(p, str) for p in raw):
+        raise ConfigError(f"data.path {c.data.path}: its prompts are conversations (lists of messages): "
+                          "set config.data.chat_template = True")
     ids, mask, texts, report = tokenize_prompts(raw, tokenizer, c.data.max_prompt_len, c.data.truncation)
     if report.truncated or report.rejected_empty or report.rejected_too_long:
         log.warning("prompts: %d read, %d kept, %d cut from the left, %d rejected as too long, %d empty",

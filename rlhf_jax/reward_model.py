@@ -93,6 +93,10 @@ def read_pairs(config) -> list[dict]:
     from rlhf_jax.data import read_prompts
     fields = {"prompt": d.prompt_field, "chosen": d.chosen_field, "rejected": d.rejected_field}
     columns = {name: read_prompts(d.path, field) for name, field in fields.items()}
+    for name, values in columns.items():
+        if not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"data.path {d.path}: field {fields[name]!r} holds a conversation; preference "
+                              "pairs are plain text")
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 

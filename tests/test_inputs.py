@@ -46,6 +46,7 @@ def test_config_values(key, value, message):
     (b'{"prompt": "a"}\n[1, 2]\n', ":2: a JSON list, not an object"),
     (b'{"prompt": "a"}\n{"prompt": null}\n', ":2: 'prompt' is null, not a string"),
     (b'{"text": "a"}\n', ":1: no field 'prompt'"),
+    (b'{"prompt": [{"role": "user"}]}\n', ":1: 'prompt' is [{\"role\": \"user\"}], not a string or a list of"),
 ])
 def test_prompt_files(tmp_path, content, message):
     path = tmp_path / "prompts.jsonl"
@@ -53,6 +54,19 @@ def test_prompt_files(tmp_path, content, message):
     with pytest.raises(ConfigError) as e:
         read_prompts(str(path))
     assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_conversation_prompts_need_the_chat_template(tmp_path):
+    from rlhf_jax.loading import load_prompts
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "the question"}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"prompt": conversation}) + "\n" + json.dumps({"prompt": "plain"}) + "\n")
+    assert read_prompts(str(path)) == [conversation, "plain"]
+    config = base_config()
+    config.data.path = str(path)
+    with pytest.raises(ConfigError, match="are conversations .*set config.data.chat_template = True"):
+        load_prompts(config, tokenizer=None)
 
 
 @pytest.fixture(scope="module")
