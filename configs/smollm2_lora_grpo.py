@@ -4,7 +4,8 @@ arithmetic word problems, with a verifiable reward: 1 for a final line "Answer: 
     python -m rlhf_jax.train --config=configs/smollm2_lora_grpo.py --workdir=runs/smollm2_grpo
     python scripts/eval_arithmetic.py --model=runs/smollm2 --adapters=runs/smollm2_grpo/adapter
 
-8 problems x 8 samples per iteration from `configs/arithmetic_train.jsonl`; the 300 problems of
+4 problems x 8 samples per iteration from `configs/arithmetic_train.jsonl` (each after one worked
+example, `rlhf_jax.tasks.arithmetic.EXAMPLE`); the 300 problems of
 `configs/arithmetic_heldout.jsonl` share no question with them (rlhf_jax.tasks.arithmetic.write_problems).
 GRPO as DeepSeekMath's: group baseline scaled by the group's std, k3 KL in the loss, per-sequence
 aggregation; no value model or head.
@@ -21,9 +22,9 @@ def get_config():
     c.lora.update(enabled=True, rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj",
                                                               "gate_proj", "up_proj", "down_proj"))
     c.reward.function = "rlhf_jax.tasks.arithmetic:exact_match_reward"
-    c.data.update(path="configs/arithmetic_train.jsonl", chat_template=True, max_prompt_len=80)
-    c.sampling.update(max_new_tokens=48, temperature=0.8)
-    c.train.update(rollout_batch_size=64, num_generations=8, num_iterations=40)
+    c.data.update(path="configs/arithmetic_train.jsonl", chat_template=True, max_prompt_len=144)
+    c.sampling.update(max_new_tokens=40, temperature=0.8)
+    c.train.update(rollout_batch_size=32, num_generations=8, num_iterations=30)
     c.ppo.update(kl_coef=0.02, kl_in_loss=True, kl_loss_estimator="k3", loss_aggregation="sequence",
                  num_ppo_epochs=1, num_mini_batches=2)
     c.optim.update(learning_rate=2e-4, warmup_steps=0)

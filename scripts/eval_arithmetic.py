@@ -4,7 +4,8 @@ task's strict exact-match reward (rlhf_jax.tasks.arithmetic).
     python scripts/eval_arithmetic.py --model=runs/smollm2                  # before training
     python scripts/eval_arithmetic.py --model=runs/smollm2_grpo_policy      # the exported policy
 
-The prompts are chat-templated user turns, as in `configs/smollm2_lora_grpo.py`. Prints a few
+The prompts are chat-templated conversations (a worked example, then the question), as in
+`configs/smollm2_lora_grpo.py`. Prints a few
 answers, then one JSON line: {"model", "problems", "accuracy", "format_ok", "seconds"}.
 """
 
@@ -35,8 +36,8 @@ def main() -> None:
     parser.add_argument("--problems", default="configs/arithmetic_heldout.jsonl")
     parser.add_argument("--n", type=int, default=300, help="the first N problems")
     parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--max_prompt_len", type=int, default=80)
+    parser.add_argument("--max_new_tokens", type=int, default=40)
+    parser.add_argument("--max_prompt_len", type=int, default=144)
     parser.add_argument("--pad_token", default="<|endoftext|>", help="as the config's tokenizer.pad_token")
     args = parser.parse_args()
 
@@ -46,8 +47,8 @@ def main() -> None:
     if args.pad_token:
         tokenizer.pad_token = args.pad_token
     problems = read_prompts(args.problems)[:args.n]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in problems]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
+                                           tokenize=False, add_generation_prompt=True) for p in problems]
     ids, mask, kept, report = tokenize_prompts(texts, tokenizer, args.max_prompt_len, truncation="reject")
     if report.kept != len(texts):
         raise SystemExit(f"{len(texts) - report.kept} problems are longer than --max_prompt_len={args.max_prompt_len}")
@@ -71,7 +72,8 @@ def main() -> None:
     responses = responses[:len(kept)]
     rewards = exact_match_reward(kept, responses)
     for problem, response, reward in list(zip(problems, responses, rewards))[:3]:
-        print(f"[{'right' if reward else 'wrong'}] {problem}\n  -> {response!r}")
+        question = problem if isinstance(problem, str) else problem[-1]["content"]
+        print(f"[{'right' if reward else 'wrong'}] {question}\n  -> {response!r}")
     print(json.dumps({"model": args.model, "problems": len(kept), "accuracy": float(np.mean(rewards)),
                       "format_ok": float(np.mean([parse_answer(r) is not None for r in responses])),
                       "seconds": round(time.time() - start, 1)}))

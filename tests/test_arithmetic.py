@@ -16,7 +16,9 @@ def test_the_reward_rederives_every_generated_answer():
     for _ in range(500):
         text, answer = arithmetic.problem(rng)
         assert answer >= 0 and arithmetic.solve(text) == answer
-        chat = f"<|im_start|>user\n{text} {arithmetic.INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
+        # The worked example's problem comes first: the reward answers the last one.
+        example = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in arithmetic.EXAMPLE)
+        chat = f"{example}<|im_start|>user\n{text} {arithmetic.INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
         assert arithmetic.exact_match_reward([chat], [f"Let me see.\nAnswer: {answer}"]) == [1.0]
         assert arithmetic.exact_match_reward([chat], [f"Answer: {answer + 1}"]) == [0.0]
 
@@ -36,10 +38,14 @@ def test_a_prompt_without_a_problem_is_an_error():
 
 
 def test_the_shipped_splits_share_no_question():
-    train = [json.loads(line)["prompt"] for line in open(os.path.join(CONFIGS, "arithmetic_train.jsonl"))]
-    heldout = [json.loads(line)["prompt"] for line in open(os.path.join(CONFIGS, "arithmetic_heldout.jsonl"))]
+    def questions(name):
+        prompts = [json.loads(line)["prompt"] for line in open(os.path.join(CONFIGS, name))]
+        assert all(p[:-1] == arithmetic.EXAMPLE and p[-1]["role"] == "user" for p in prompts)
+        return [p[-1]["content"] for p in prompts]
+    train, heldout = questions("arithmetic_train.jsonl"), questions("arithmetic_heldout.jsonl")
     assert len(train) == 2000 and len(heldout) == 300 and not set(train) & set(heldout)
-    assert len(set(train)) == len(train) and all(p.endswith(arithmetic.INSTRUCTION) for p in train + heldout)
+    assert len(set(train)) == len(train) and all(q.endswith(arithmetic.INSTRUCTION) for q in train + heldout)
+    assert arithmetic.EXAMPLE[0]["content"] not in train + heldout
 
 
 def test_write_problems_is_deterministic(tmp_path):

@@ -2,11 +2,13 @@
 
 - `problem(rng)` draws a word problem (addition, subtraction, multiplication, or two steps) and its
   answer; `write_problems(train_path, heldout_path, ...)` writes a training set and a held-out set
-  that shares no question with it (JSONL, {"prompt": question + INSTRUCTION}).
+  that shares no question with it (JSONL; each prompt a conversation: one worked example, EXAMPLE,
+  then the question + INSTRUCTION as the user's turn).
 - `exact_match_reward(prompts, responses)`: 1.0 when the response's last line is exactly
   "Answer: N" (an optional final period; no units, commas or words) with N the problem's answer,
-  else 0.0. The answer is re-derived from the question found in the prompt (chat markup and all), so
-  the reward needs no side table; a prompt with no question of this task raises KeyError.
+  else 0.0. The answer is re-derived from the last question found in the prompt (chat markup, the
+  worked example and all), so the reward needs no side table; a prompt with no question of this task
+  raises KeyError.
 - The tiny version for tests and smoke runs (`data.builtin = "rlhf_jax.tasks.arithmetic"`): prompts
   "3 plus 4", a word-level tokenizer (`build_tokenizer`), the same reward.
 """
@@ -36,6 +38,11 @@ TEMPLATES = [
     ("{a} plus {b}", lambda a, b, c: a + b),  # the tiny version's
 ]
 _ANSWER = re.compile(r"Answer: (-?\d+)\.?")
+# A worked example as a first exchange: SmolLM2-135M-Instruct, asked alone, wrote the format 2% of
+# the time (greedy) and sampled no right answer in 192 tries; after this example, 77% and 17%.
+EXAMPLE = [{"role": "user", "content": f"Maya has 4 shells and gets 3 more. How many shells does Maya have now? "
+                                       f"{INSTRUCTION}"},
+           {"role": "assistant", "content": "4 + 3 = 7\nAnswer: 7"}]
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -66,13 +73,13 @@ def problem(rng: np.random.Generator, max_number: int = 10) -> tuple[str, int]:
 
 
 def solve(text: str) -> int:
-    """The answer to the (first) problem of this task found in `text`."""
-    for pattern, answer in _PATTERNS:
-        found = pattern.search(text)
-        if found:
-            numbers = {k: int(v) for k, v in found.groupdict().items() if k in "abc" and v is not None}
-            return answer(numbers.get("a", 0), numbers.get("b", 0), numbers.get("c", 0))
-    raise KeyError(f"no arithmetic problem in prompt {text[-120:]!r}")
+    """The answer to the last problem of this task in `text` (after any worked example)."""
+    found = [(m.start(), m, answer) for pattern, answer in _PATTERNS for m in pattern.finditer(text)]
+    if not found:
+        raise KeyError(f"no arithmetic problem in prompt {text[-120:]!r}")
+    _, match, answer = max(found, key=lambda f: f[0])
+    numbers = {k: int(v) for k, v in match.groupdict().items() if k in "abc" and v is not None}
+    return answer(numbers.get("a", 0), numbers.get("b", 0), numbers.get("c", 0))
 
 
 def parse_answer(response: str) -> int | None:
@@ -93,7 +100,7 @@ def write_problems(train_path: str, heldout_path: str, n_train: int = 2000, n_he
                    seed: int = 0) -> None:
     """A training set and a held-out set with no question in common (each question once per set)."""
     rng = np.random.default_rng(seed)
-    seen: set[str] = set()
+    seen = {EXAMPLE[0]["content"].removesuffix(" " + INSTRUCTION)}
     sets: list[list[str]] = [[], []]
     for target, size in zip(sets, (n_train, n_heldout)):
         while len(target) < size:
@@ -104,7 +111,8 @@ def write_problems(train_path: str, heldout_path: str, n_train: int = 2000, n_he
     for path, texts in ((train_path, sets[0]), (heldout_path, sets[1])):
         with open(path, "w") as f:
             for text in texts:
-                f.write(json.dumps({"prompt": f"{text} {INSTRUCTION}"}) + "\n")
+                prompt = EXAMPLE + [{"role": "user", "content": f"{text} {INSTRUCTION}"}]
+                f.write(json.dumps({"prompt": prompt}) + "\n")
 
 
 # The tiny version (data.builtin): "a plus b" over single digits, answered "Answer: N".
