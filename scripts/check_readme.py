@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("fast", "all"), default="all", help="which blocks to run")
     parser.add_argument("--here", action="store_true",
                         help="run in a copy of this working tree with this interpreter, not in a fresh clone of HEAD")
+    parser.add_argument("--limit_at_most", type=int, default=0,
+                        help="> 0: only the blocks whose time limit is at most this many seconds")
     parser.add_argument("--list", action="store_true", help="list the blocks and their markers; run nothing")
     parser.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
     parser.add_argument("--outputs", default="", help="write each command's output to this folder, "
@@ -217,9 +219,11 @@ def main(argv=None) -> int:
     env = _environment(workdir, args.here)
     results, failed = [], False
     for block in blocks:
-        if block.speed == "skip" or (args.only == "fast" and block.speed != "fast") or failed:
+        too_long = bool(args.limit_at_most) and block.limit_s > args.limit_at_most
+        if block.speed == "skip" or (args.only == "fast" and block.speed != "fast") or too_long or failed:
             for c in block.commands:
-                status = f"skipped: {block.reason}" if block.speed == "skip" else "not run"
+                status = (f"skipped: {block.reason}" if block.speed == "skip" else
+                          f"not run: limit {block.limit_s} s > --limit_at_most" if too_long and not failed else "not run")
                 results.append({"line": block.line, "command": c.splitlines()[0], "speed": block.speed,
                                 "status": status, "seconds": 0.0})
             continue
