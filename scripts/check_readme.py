@@ -149,8 +149,9 @@ def _environment(workdir: str, here: bool) -> dict:
     return env
 
 
-def _run(block: Block, workdir: str, env: dict) -> list[dict]:
-    """Run a block's commands; one result per command."""
+def _run(block: Block, workdir: str, env: dict):
+    """Run a block's commands, yielding one result per command as it ends (a parallel block's when
+    all of them have); stops after a failing group."""
     def start(command):
         if block.lang == "python":
             with tempfile.NamedTemporaryFile("w", suffix=".py", dir=workdir, delete=False) as f:
@@ -171,19 +172,19 @@ def _run(block: Block, workdir: str, env: dict) -> list[dict]:
             status = f"timed out after {block.limit_s} s"
         return status, output
 
-    results = []
     groups = [block.commands] if block.parallel else [[c] for c in block.commands]
     for group in groups:
         began = time.time()
         processes = [start(c) for c in group]
+        results = []
         for command, process in zip(group, processes):
             status, output = finish(process, began)
             results.append({"line": block.line, "command": command.splitlines()[0] + (" ..." if "\n" in command else ""),
                             "speed": block.speed, "status": status, "seconds": round(time.time() - began, 1),
                             "output": output})
+        yield from results
         if any(r["status"] != "ok" for r in results):
-            break
-    return results
+            return
 
 
 def main(argv=None) -> int:
