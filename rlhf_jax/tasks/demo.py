@@ -129,14 +129,14 @@ def plot_metrics(workdir: str, out: str | None = None) -> str:
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     records = {r["step"]: r for r in records}  # a resumed run may repeat steps: keep the latest
     steps = sorted(records)
-    panels = [("objective/scores", "mean reward (sentiment)"), ("objective/kl", "KL to the original model (nats)"),
+    panels = [("objective/scores", "mean reward"), ("objective/kl", "KL to the original model (nats per response)"),
               ("task/valid_frac", "share of valid reviews"), ("objective/kl_coef", "KL coefficient")]
     panels = [(k, t) for k, t in panels if k in records[steps[0]]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(np.atleast_1d(axes), panels):
         ax.plot(steps, [records[s][key] for s in steps], lw=1.8)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO iteration")
+        ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = out or os.path.join(workdir, "metrics.png")
