@@ -77,6 +77,8 @@ class ModelConfig:
             raise ValueError("the gemma3 family normalises queries and keys: qk_norm must be True")
         if self.family == "gpt2" and self.qk_norm:
             raise ValueError("qk_norm (Qwen3's per-head query/key RMSNorm) needs the llama family")
+        if self.rope_scaling and dict(self.rope_scaling).get("rope_type") not in ("llama3", "linear"):
+            raise ValueError(f"rope_scaling {self.rope_scaling} needs a ('rope_type', 'llama3' or 'linear') pair")
         if self.sliding_layers and self.sliding_window <= 0:
             raise ValueError(f"sliding_layers {self.sliding_layers} need sliding_window > 0")
         for name in ("sliding_layers", "nope_layers"):
