@@ -70,6 +70,11 @@ def read_prompts(path: str, field: str = "prompt") -> list:
     return prompts
 
 
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a string is one user turn; a conversation stays as it is."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 def _is_conversation(value) -> bool:
     return (isinstance(value, list) and bool(value) and all(
         isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(v, str) for v in m.values())

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.config import ConfigError, uses_value, validate_tokenizer
-from rlhf_jax.data import read_prompts, tokenize_prompts
+from rlhf_jax.data import as_messages, read_prompts, tokenize_prompts
 from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel, load_pretrained
 from rlhf_jax.models.hf import config_from_hf, read_hf_config
 from rlhf_jax.models.lora import TRAINABLE, load_adapters, merged_params, with_lora
@@ -140,8 +140,8 @@ def load_prompts(config, tokenizer) -> Prompts:
     else:
         raw = builtin_task(c).sample_prompts(c.data.builtin_prompts, seed=c.seed)
     if c.data.chat_template:
-        raw = [tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
-                                             tokenize=False, add_generation_prompt=True) for p in raw]
+        raw = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
+               for p in raw]
     elif not all(isinstance(p, str) for p in raw):
         raise ConfigError(f"data.path {c.data.path}: its prompts are conversations (lists of messages): "
                           "set config.data.chat_template = True")

@@ -24,7 +24,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_jax.data import read_prompts, tokenize_prompts  # noqa: E402
+from rlhf_jax.data import as_messages, read_prompts, tokenize_prompts  # noqa: E402
 from rlhf_jax.models import load_pretrained  # noqa: E402
 from rlhf_jax.sampling import generate  # noqa: E402
 from rlhf_jax.tasks.arithmetic import exact_match_reward, parse_answer  # noqa: E402
@@ -47,8 +47,8 @@ def main() -> None:
     if args.pad_token:
         tokenizer.pad_token = args.pad_token
     problems = read_prompts(args.problems)[:args.n]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
-                                           tokenize=False, add_generation_prompt=True) for p in problems]
+    texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
+             for p in problems]
     ids, mask, kept, report = tokenize_prompts(texts, tokenizer, args.max_prompt_len, truncation="reject")
     if report.kept != len(texts):
         raise SystemExit(f"{len(texts) - report.kept} problems are longer than --max_prompt_len={args.max_prompt_len}")
