@@ -1,10 +1,11 @@
-"""Seconds per PPO iteration of rlhf_jax at the reference configs, optionally side by side with the
-peers' harnesses (TRL, Tunix) from ../shared/bench. The last line printed is one JSON object.
+"""Seconds per PPO (or GRPO) iteration of rlhf_jax at the reference configs, optionally side by side
+with the peers' harnesses (TRL, Tunix) in benchmarks/peers. The last line printed is one JSON object.
 
     python scripts/benchmark.py --preset small                 # 4 layers, width 256, 4 heads
     python scripts/benchmark.py --preset large                 # 6 layers, width 512, 8 heads
     python scripts/benchmark.py --preset small --value_model shared
     python scripts/benchmark.py --preset small --peers --rounds 3   # ours, TRL, Tunix alternating
+    python scripts/benchmark.py --preset small --algorithm grpo --peers --rounds 3   # GRPO, 8 prompts x 4
     python scripts/benchmark.py --preset small --dtype bfloat16 --old_logprobs sampler  # recompute's cost
     python scripts/benchmark.py --preset small --value_model shared --plan   # the planner's estimate vs measured
 
@@ -12,6 +13,11 @@ The reference config: GPT-2-architecture policy, vocabulary 1024, f32; rollout b
 response 32 with no early EOS; 1 PPO epoch, 1 minibatch; a reference copy, a learned reward model
 of the same size scored on device, and a separate value model of the same size (the peers'
 architecture) or, with --value_model shared, a value head on the policy's trunk.
+With --algorithm grpo: 8 prompts x 4 generations (the same 32 responses), a Python reward (the count
+of one word in the response, as the peers' harnesses), a reference with k3 KL (0.04) in the loss, no
+value model.
+
+The peers' virtual environments: `bash benchmarks/peers/setup_peers.sh` once (about 3 GB).
 """
 
 from __future__ import annotations
@@ -58,18 +64,36 @@ def build_assets(root: str, args) -> tuple[str, str, str]:
     return tok_dir, rm_dir, prompts
 
 
+def target_word_reward(prompts, responses):
+    """The GRPO benchmark's reward, as the peers' harnesses compute it: how often the response says "w7"."""
+    return [float(r.split().count("w7")) for r in responses]
+
+
 def make_config(args, tok_dir, rm_dir, prompts):
     from rlhf_jax.config import base_config
     c = base_config()
+    if args.algorithm == "grpo":
+        # GRPO as DeepSeekMath's (and the peers' defaults): k3 KL in the loss, std-scaled group baseline.
+        c.algorithm = "grpo"
+        c.reward.kind = "function"  # the trainer's reward_fn is replaced by target_word_reward in run_ours
+        c.train.num_generations = args.generations
+        c.ppo.update(kl_coef=0.04, kl_in_loss=True, kl_loss_estimator="k3", loss_aggregation="sequence")
     c.model.builtin.update(family="gpt2", hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
                            max_position_embeddings=args.prompt_len + args.response_len)
+    if args.family == "qwen3":
+        # Tunix's harness model: Qwen3 blocks (query/key norms, gated MLP of 4 x width), untied head.
+        c.model.builtin.update(family="llama", qk_norm=True, num_kv_heads=args.heads, intermediate_size=4 * args.width,
+                               tie_word_embeddings=False, rope_theta=10000.0, norm_eps=1e-6)
     c.model.update(value_model=args.value_model, dtype=args.dtype, param_dtype=args.dtype)
     c.tokenizer.path = tok_dir
-    c.reward.update(kind="model", model_path=rm_dir)
+    if args.algorithm == "ppo":
+        c.reward.update(kind="model", model_path=rm_dir)
     c.data.update(path=prompts, max_prompt_len=args.prompt_len)
     c.sampling.update(max_new_tokens=args.response_len, temperature=0.7)
     c.train.update(rollout_batch_size=args.batch, num_iterations=args.iters + 1)
-    c.ppo.update(num_ppo_epochs=1, num_mini_batches=1, kl_coef=0.05, vf_coef=0.1, old_logprobs=args.old_logprobs)
+    c.ppo.update(num_ppo_epochs=1, num_mini_batches=1, old_logprobs=args.old_logprobs)
+    if args.algorithm == "ppo":
+        c.ppo.update(kl_coef=0.05, vf_coef=0.1)
     c.optim.update(learning_rate=3e-6)
     c.logging.update(progress=False, tensorboard=False, samples_every=0)
     return c
@@ -109,6 +133,8 @@ def run_ours(args) -> dict:
     trainer = PPOTrainer(config, root)
     # The reference config generates every token (no early EOS), like the peers' harnesses.
     trainer.rollout_fn = trainer.make_rollout_fn(eos_ids=())
+    if args.algorithm == "grpo":
+        trainer.reward_fn = target_word_reward
     state = trainer.init_state()
     state, _, _ = trainer.iteration(state)  # compiles
     compile_s = time.perf_counter() - t0
@@ -174,12 +200,9 @@ def peer_seconds(row: dict) -> float:
         raise KeyError(f"no seconds per iteration in the peer's JSON (keys {sorted(row)})") from e
 
 
-def run_peers(preset: str) -> dict:
-    here = os.path.dirname(os.path.abspath(__file__))
-    bench = os.path.join(here, "..", "..", "shared", "bench", "run_peers.sh")
-    if not os.path.exists(bench):
-        raise FileNotFoundError(f"no peer harness at {bench} (expected ../shared/bench beside the project)")
-    out = subprocess.run(["bash", bench, preset], capture_output=True, text=True, timeout=3600)
+def run_peers(preset: str, algorithm: str) -> dict:
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "peers", "run_peers.sh")
+    out = subprocess.run(["bash", bench, preset, algorithm], capture_output=True, text=True, timeout=3600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if len(lines) < 2:
         raise RuntimeError(f"the peer harnesses printed no results: {out.stdout[-2000:]} {out.stderr[-2000:]}")
@@ -198,11 +221,17 @@ def main():
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--response_len", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5, help="timed iterations after the first (compiling) one")
+    parser.add_argument("--algorithm", choices=["ppo", "grpo"], default="ppo",
+                        help="grpo: --batch responses, --generations per prompt, a Python reward, no value model")
+    parser.add_argument("--generations", type=int, default=4, help="with --algorithm grpo: samples per prompt")
+    parser.add_argument("--family", choices=["gpt2", "qwen3"], default="gpt2",
+                        help="gpt2: TRL's harness model; qwen3: Tunix's (with --peers each peer meets its own)")
     parser.add_argument("--value_model", choices=["separate", "shared"], default="separate")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="model.dtype and model.param_dtype (the peers run f32)")
     parser.add_argument("--old_logprobs", choices=["auto", "recompute", "sampler"], default="auto")
-    parser.add_argument("--peers", action="store_true", help="also run TRL and Tunix (../shared/bench), alternating")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run TRL and Tunix (benchmarks/peers, after its setup_peers.sh), alternating")
     parser.add_argument("--rounds", type=int, default=2, help="with --peers: alternating rounds")
     parser.add_argument("--plan", action="store_true",
                         help="run the planner on this config instead: its roofline estimate beside measured seconds")
@@ -218,29 +247,32 @@ def main():
         result = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")}, **run_ours(args)}
         print(json.dumps(result))
         return
-    # Alternate whole processes (ours, then the peers) so machine load hits all alike.
-    ours, trl, tunix = [], [], []
+    # Alternate whole processes (ours, then the peers) so machine load hits all alike. Each peer meets
+    # ours on its own harness's architecture: TRL's GPT-2 and Tunix's Qwen3 (its gated MLP and untied
+    # head make it 1.4x the GPT-2 of the same layers, width and heads).
+    rounds = []
     for _ in range(args.rounds):
-        cmd = [sys.executable, os.path.abspath(__file__), "--_ours_only"] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("peers", "rounds", "_ours_only")]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        ours.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        peers = run_peers(args.preset)
-        trl.append(peers["trl"])
-        tunix.append(peers["tunix"])
-    ours_s = statistics.median(r["sec_per_iter_median"] for r in ours)
-    trl_s = statistics.median(map(peer_seconds, trl))
-    tunix_s = statistics.median(map(peer_seconds, tunix))
+        row = {}
+        for family in ("gpt2", "qwen3"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--_ours_only"] + [
+                f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool) and k != "family"]
+            out = subprocess.run(cmd + [f"--family={family}"], capture_output=True, text=True, timeout=3600)
+            if out.returncode:
+                raise RuntimeError(f"our run failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+            row[f"ours_{family}"] = json.loads(out.stdout.strip().splitlines()[-1])
+        row.update(run_peers(args.preset, args.algorithm))
+        rounds.append(row)
+    seconds = lambda key: statistics.median(peer_seconds(r[key]) for r in rounds)
     result = {
-        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "ours_sec_per_iter": ours_s, "trl_sec_per_iter": trl_s, "tunix_sec_per_iter": tunix_s,
-        "speedup_vs_trl": trl_s / ours_s, "speedup_vs_tunix": tunix_s / ours_s,
-        "rounds": [{"ours": o["sec_per_iter_median"], "trl": peer_seconds(t), "tunix": peer_seconds(u)}
-                   for o, t, u in zip(ours, trl, tunix)],
-        "ours": ours, "trl": trl, "tunix": tunix, "load_avg": os.getloadavg(),
+        "config": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "family"},
+        **{f"{key}_sec_per_iter": seconds(key) for key in ("ours_gpt2", "trl", "ours_qwen3", "tunix")},
+        "speedup_vs_trl": seconds("trl") / seconds("ours_gpt2"),
+        "speedup_vs_tunix": seconds("tunix") / seconds("ours_qwen3"),
+        "speedup_vs_tunix_with_ours_gpt2": seconds("tunix") / seconds("ours_gpt2"),
+        "rounds": [{key: peer_seconds(value) for key, value in r.items()} for r in rounds],
+        "runs": rounds, "load_avg": os.getloadavg(),
     }
     print(json.dumps(result))
-
 
 if __name__ == "__main__":
     main()

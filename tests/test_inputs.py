@@ -168,3 +168,11 @@ def test_command_line_one_line_errors_and_user_tracebacks(tmp_path):
                    "--config.logging.progress=False", "--config.reward.function=user_reward:reward"], tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" in result.stderr and "user_reward.py" in result.stderr and "override" not in result.stderr
+
+
+def test_peer_benchmark_without_its_environments_says_how_to_build_them(tmp_path):
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "peers", "run_peers.sh"), "small", "grpo"],
+                            env=dict(os.environ, BENCH_VENVS=str(tmp_path)), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"no trl venv in {tmp_path}: run 'bash {ROOT}/benchmarks/peers/setup_peers.sh' first"]
