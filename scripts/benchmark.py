@@ -17,6 +17,10 @@ With --algorithm grpo: 8 prompts x 4 generations (the same 32 responses), a Pyth
 of one word in the response, as the peers' harnesses), a reference with k3 KL (0.04) in the loss, no
 value model.
 
+--family qwen3: Qwen3 blocks instead (query/key norms, gated MLP of 4 x width, untied head), the
+model of Tunix's harnesses. With --peers each round runs ours twice, as GPT-2 (against TRL's GPT-2)
+and as Qwen3 (against Tunix's), then the peers; the ratios pair each peer with ours on its model.
+
 The peers' virtual environments: `bash benchmarks/peers/setup_peers.sh` once (about 3 GB).
 """
 
