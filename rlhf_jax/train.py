@@ -56,8 +56,9 @@ def _save(checkpointer: Checkpointer, state: TrainState, trainer: PPOTrainer, st
 
 
 def train(config, workdir: str, extra_metrics: dict[str, Callable] | None = None, num_iterations: int | None = None,
-          progress_desc: str = "PPO") -> tuple[PPOTrainer, TrainState, list[dict]]:
-    """Run (or resume) PPO in `workdir`. Returns the trainer, the final state and every iteration's metrics.
+          progress_desc: str | None = None) -> tuple[PPOTrainer, TrainState, list[dict]]:
+    """Run (or resume) RL (`config.algorithm`) in `workdir`. Returns the trainer, the final state and every
+    iteration's metrics. `progress_desc`: the progress bar's label (default: the algorithm's name).
 
     `num_iterations` stops early (after that many iterations in total) without changing the schedule.
     """
@@ -91,7 +92,8 @@ def train(config, workdir: str, extra_metrics: dict[str, Callable] | None = None
     bar = None
     if is_main and config.logging.progress:
         from tqdm import tqdm
-        bar = tqdm(total=end, initial=start, desc=progress_desc, dynamic_ncols=True)
+        bar = tqdm(total=end, initial=start, dynamic_ncols=True,
+                   desc=progress_desc or {"reinforce_pp": "REINFORCE++"}.get(config.algorithm, config.algorithm.upper()))
     try:
         with _Preemption() as preemption:
             for it in range(start, end):
