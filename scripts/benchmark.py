@@ -76,12 +76,6 @@ def target_word_reward(prompts, responses):
 def make_config(args, tok_dir, rm_dir, prompts):
     from rlhf_jax.config import base_config
     c = base_config()
-    if args.algorithm == "grpo":
-        # GRPO as DeepSeekMath's (and the peers' defaults): k3 KL in the loss, std-scaled group baseline.
-        c.algorithm = "grpo"
-        c.reward.kind = "function"  # the trainer's reward_fn is replaced by target_word_reward in run_ours
-        c.train.num_generations = args.generations
-        c.ppo.update(kl_coef=0.04, kl_in_loss=True, kl_loss_estimator="k3", loss_aggregation="sequence")
     c.model.builtin.update(family="gpt2", hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
                            max_position_embeddings=args.prompt_len + args.response_len)
     if args.family == "qwen3":
@@ -90,14 +84,19 @@ def make_config(args, tok_dir, rm_dir, prompts):
                                tie_word_embeddings=False, rope_theta=10000.0, norm_eps=1e-6)
     c.model.update(value_model=args.value_model, dtype=args.dtype, param_dtype=args.dtype)
     c.tokenizer.path = tok_dir
-    if args.algorithm == "ppo":
-        c.reward.update(kind="model", model_path=rm_dir)
     c.data.update(path=prompts, max_prompt_len=args.prompt_len)
     c.sampling.update(max_new_tokens=args.response_len, temperature=0.7)
     c.train.update(rollout_batch_size=args.batch, num_iterations=args.iters + 1)
     c.ppo.update(num_ppo_epochs=1, num_mini_batches=1, old_logprobs=args.old_logprobs)
     if args.algorithm == "ppo":
+        c.reward.update(kind="model", model_path=rm_dir)
         c.ppo.update(kl_coef=0.05, vf_coef=0.1)
+    else:
+        # GRPO as DeepSeekMath's (and the peers' defaults): k3 KL in the loss, std-scaled group baseline.
+        c.algorithm = "grpo"
+        c.reward.kind = "function"  # the trainer's reward_fn is replaced by target_word_reward in run_ours
+        c.train.num_generations = args.generations
+        c.ppo.update(kl_coef=0.04, kl_in_loss=True, kl_loss_estimator="k3", loss_aggregation="sequence")
     c.optim.update(learning_rate=3e-6)
     c.logging.update(progress=False, tensorboard=False, samples_every=0)
     return c
@@ -258,15 +257,17 @@ def main():
     for _ in range(args.rounds):
         row = {}
         for family in ("gpt2", "qwen3"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--_ours_only"] + [
+            cmd = [sys.executable, os.path.abspath(__file__), "--_ours_only", f"--family={family}"] + [
                 f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool) and k != "family"]
-            out = subprocess.run(cmd + [f"--family={family}"], capture_output=True, text=True, timeout=3600)
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
             if out.returncode:
                 raise RuntimeError(f"our run failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
             row[f"ours_{family}"] = json.loads(out.stdout.strip().splitlines()[-1])
         row.update(run_peers(args.preset, args.algorithm))
         rounds.append(row)
-    seconds = lambda key: statistics.median(peer_seconds(r[key]) for r in rounds)
+    def seconds(key):
+        return statistics.median(peer_seconds(r[key]) for r in rounds)
+
     result = {
         "config": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "family"},
         **{f"{key}_sec_per_iter": seconds(key) for key in ("ours_gpt2", "trl", "ours_qwen3", "tunix")},
@@ -277,6 +278,7 @@ def main():
         "runs": rounds, "load_avg": os.getloadavg(),
     }
     print(json.dumps(result))
+
 
 if __name__ == "__main__":
     main()
