@@ -15,7 +15,8 @@ The counts are what a roofline needs, not a simulation:
 - FLOPs: 2 x output elements x contraction size of every dot and convolution (TPU programs express
   matmuls as convolutions), inside fusions too; elementwise work is left out.
 - HBM bytes: every top-level instruction (a fusion counts as one) reads its operands and writes its
-  result once; slices and a fusion's sliced operands count what is taken, an in-place
+  result once; slices and a fusion's sliced operands (sliced inside it, or by a nested fusion that
+  only slices) count what is taken, an in-place
   dynamic-update-slice writes only the update, and buffers a fusion only passes through or that a
   TPU program keeps on chip (layout memory space `S(n)`, n > 0) are not HBM traffic. Parameters,
   tuples, bitcasts and the loops themselves move nothing.
@@ -266,11 +267,30 @@ def _fusion_bytes(inst: Instruction, comp: Computation, computations: dict[str, 
         uses = [u for u in users.get(name, []) if not (u.opcode == "dynamic-update-slice" and name in in_place)]
         if number is None or number >= len(operand_hbm) or not uses or not operand_hbm[number]:
             continue
-        if all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == name for u in uses):
-            read += sum(u.bytes for u in uses)
-        else:
-            read += operand_hbm[number]
+        read += min(operand_hbm[number], _bytes_read(name, uses, computations))
     return read + written
+
+
+def _bytes_read(param: str, uses: list[Instruction], computations: dict[str, Computation]) -> float:
+    """Bytes of fused parameter `param` that its `uses` read: what a slice takes; inside a nested
+    fusion (XLA:TPU fuses a scan's slice of a stacked KV cache into the attention's matmul), what
+    that fusion's own parameter's uses read; all of it for any other use."""
+    total = 0.0
+    for use in uses:
+        if use.opcode in ("dynamic-slice", "slice", "gather") and use.operands[0] == param:
+            total += use.bytes
+            continue
+        inner = computations.get((_called(use.attrs, "calls") or [""])[0]) if use.opcode == "fusion" else None
+        if inner is None:
+            return math.inf
+        for position in (i for i, o in enumerate(use.operands) if o == param):
+            inner_param = next((i for i in inner.instructions
+                                if i.opcode == "parameter" and _int_operand(i) == position), None)
+            inner_uses = [i for i in inner.instructions if inner_param is not None and inner_param.name in i.operands]
+            if inner_param is None or not inner_uses:
+                return math.inf
+            total += _bytes_read(inner_param.name, inner_uses, computations)
+    return total
 
 
 def _tuple_elements(type_text: str) -> list[str]:

@@ -152,6 +152,39 @@ ENTRY %main (a: bf16[8,128]) -> bf16[8,128] {
     assert costs.unknown_trip_counts == 0
 
 
+def test_a_nested_fusion_that_slices_a_stacked_buffer_reads_only_its_slice():
+    """XLA:TPU fuses a layer's slice of a stacked KV cache ([layers, ...]) into the attention's
+    matmul as a fusion inside a fusion: the layer's 2 KiB are read, not the 64 KiB stack."""
+    text = """HloModule m
+
+%slice_it (s: f32[32,4,128]) -> f32[4,128] {
+  %s = f32[32,4,128]{2,1,0} parameter(0)
+  %sl = f32[1,4,128]{2,1,0} slice(%s), slice={[3:4], [0:4], [0:128]}
+  ROOT %b = f32[4,128]{1,0} bitcast(%sl)
+}
+
+%outer (p0: f32[32,4,128], p1: f32[4,128]) -> f32[4,128] {
+  %p0 = f32[32,4,128]{2,1,0} parameter(0)
+  %p1 = f32[4,128]{1,0} parameter(1)
+  %inner = f32[4,128]{1,0} fusion(%p0), kind=kLoop, calls=%slice_it
+  ROOT %m = f32[4,128]{1,0} multiply(%inner, %p1)
+}
+
+ENTRY %main (a: f32[32,4,128], x: f32[4,128]) -> f32[4,128] {
+  %a = f32[32,4,128]{2,1,0} parameter(0)
+  %x = f32[4,128]{1,0} parameter(1)
+  ROOT %f = f32[4,128]{1,0} fusion(%a, %x), kind=kLoop, calls=%outer
+}
+"""
+    layer = 4 * 128 * 4
+    # the layer's slice and x read, the product written
+    assert hlo.program_costs(text).hbm_bytes == 3 * layer
+    # used whole by the nested fusion, the stack is read whole
+    whole = text.replace("%sl = f32[1,4,128]{2,1,0} slice(%s), slice={[3:4], [0:4], [0:128]}",
+                         "%sl = f32[1,4,128]{2,1,0} reduce(%s), dimensions={0}")
+    assert hlo.program_costs(whole).hbm_bytes == 32 * layer + 2 * layer
+
+
 def test_roofline_names_the_slowest_resource():
     costs = hlo.Costs(flops=197e12, hbm_bytes=819e9 * 2)
     costs.comm_by_kind["all-reduce"] = 100e9  # twice over the links: 200 GB at 400 GB/s
