@@ -97,7 +97,8 @@ def builtin_model_config(config, vocab_size: int) -> ModelConfig:
               head_dim=b.head_dim or b.hidden_size // heads, intermediate_size=b.intermediate_size or 4 * b.hidden_size,
               max_position_embeddings=b.max_position_embeddings, rope_theta=float(b.rope_theta),
               norm_eps=float(b.norm_eps), tie_word_embeddings=bool(b.tie_word_embeddings), qk_norm=bool(b.qk_norm),
-              dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+              dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+              scan_layers=bool(config.model.scan_layers))
     if b.family == "gpt2":
         kw.update(qkv_bias=True, o_bias=True, mlp_bias=True)
     if b.family == "gemma3":
@@ -186,7 +187,7 @@ def _policy(config, mesh, vocab_size: int, value_head: bool) -> CausalLM:
     c = config
     if c.model.path:
         policy = load_pretrained(c.model.path, value_head=value_head, dtype=c.model.dtype,
-                                 param_dtype=c.model.param_dtype, mesh=mesh)
+                                 param_dtype=c.model.param_dtype, scan_layers=c.model.scan_layers, mesh=mesh)
     else:
         cfg = builtin_model_config(c, vocab_size)
         build = lambda: CausalLM(cfg, rngs=nnx.Rngs(c.model.builtin.init_seed), value_head=value_head)
@@ -205,7 +206,7 @@ def _value_model(config, policy: CausalLM, mesh) -> ScalarModel:
     c = config
     if c.model.value_path:
         return load_pretrained(c.model.value_path, kind="scalar", dtype=c.model.dtype,
-                               param_dtype=c.model.param_dtype, mesh=mesh)
+                               param_dtype=c.model.param_dtype, scan_layers=c.model.scan_layers, mesh=mesh)
     # Start from the policy's backbone (adapters folded in) with a zero head (first values are 0).
     cfg = policy.cfg.replace(lora_rank=0, lora_targets=())
     value = ScalarModel(cfg, rngs=nnx.Rngs(0), zero_head=True)
@@ -226,7 +227,8 @@ def load_models(config, mesh, vocab_size: int) -> Models:
     ref_graphdef, ref_params = policy_graphdef, None
     if c.model.reference_path:  # another model: its own graph and whole params
         ref_graphdef, ref_params = nnx.split(load_pretrained(
-            c.model.reference_path, value_head=shared, dtype=c.model.dtype, param_dtype=c.model.param_dtype))
+            c.model.reference_path, value_head=shared, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+            scan_layers=c.model.scan_layers))
 
     value_graphdef = value_params = None
     if value and not shared:
@@ -249,6 +251,6 @@ def load_models(config, mesh, vocab_size: int) -> Models:
     reward_graphdef = reward_params = None
     if c.reward.kind == "model":
         reward_graphdef, reward_params = nnx.split(load_pretrained(
-            c.reward.model_path, kind="scalar", dtype=c.model.dtype, mesh=mesh))
+            c.reward.model_path, kind="scalar", dtype=c.model.dtype, scan_layers=c.model.scan_layers, mesh=mesh))
     return Models(policy.cfg, policy_graphdef, ref_graphdef, policy_params, frozen, ref_params, ref_trainable,
                   value_graphdef, value_params, reward_graphdef, reward_params)

@@ -302,7 +302,8 @@ def _model_config(config):
     from rlhf_jax.models import config_from_hf, read_hf_config
 
     if config.model.path:
-        return config_from_hf(read_hf_config(config.model.path), config.model.dtype, config.model.param_dtype)
+        return config_from_hf(read_hf_config(config.model.path), config.model.dtype,
+                              config.model.param_dtype).replace(scan_layers=bool(config.model.scan_layers))
     vocab = config.model.builtin.vocab_size or len(load_tokenizer(config, None))
     return builtin_model_config(config, vocab)
 

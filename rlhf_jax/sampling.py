@@ -80,7 +80,14 @@ def categorical(uniform, logits):
 def _pin_rows(mesh, cache):
     """The KV cache with its row axis over the mesh's batch axes (the write index stays replicated)."""
     constrain = batch_constraint(mesh)
-    return {name: jax.tree.map(constrain, value) if name != "index" else value for name, value in cache.items()}
+
+    def pin(name, value):
+        if name in ("k", "v") and not isinstance(value, tuple):  # `scan_layers`: [layers, batch, ...]
+            return jax.lax.with_sharding_constraint(
+                value, NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (value.ndim - 2)))))
+        return value if name == "index" else jax.tree.map(constrain, value)
+
+    return {name: pin(name, value) for name, value in cache.items()}
 
 
 @functools.partial(

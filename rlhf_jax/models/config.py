@@ -57,6 +57,9 @@ class ModelConfig:
     nope_layers: tuple[int, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # The blocks' weights stacked on a leading layer axis and run under `jax.lax.scan`: one block is
+    # compiled instead of `num_layers`, so compile time stays flat in depth (the KV cache is stacked too).
+    scan_layers: bool = False
     # LoRA adapters (rank 0: none) on the named projections: q_proj, k_proj, v_proj, o_proj,
     # gate_proj, up_proj, down_proj (GPT-2's MLP is up_proj / down_proj).
     lora_rank: int = 0

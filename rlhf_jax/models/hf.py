@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import CausalLM, ScalarModel
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.models.tree import unflatten
+from rlhf_jax.models.tree import per_layer, stack_layers, unflatten
 from rlhf_jax.sharding import spec_for
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3_text")
@@ -316,29 +316,29 @@ def read_hf_config(path: str) -> dict:
 
 
 def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = False,
-                    dtype: str = "float32", param_dtype: str = "float32", mesh=None):
+                    dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False, mesh=None):
     """Load a local HF folder into a `CausalLM` (kind="causal_lm") or a `ScalarModel` (kind="scalar").
 
     Reads config.json and model.safetensors (or a sharded index). Every tensor
     is checked: a missing, unexpected or misshapen tensor raises CheckpointError naming it.
     Pass `read_hf_config(path)` to `save_pretrained` to carry the original config.json fields over.
     With a `mesh`, each tensor goes from host memory straight to its shards (rlhf_jax.sharding rules),
-    never whole onto one device.
+    never whole onto one device. `scan_layers`: the blocks' weights stacked (`ModelConfig.scan_layers`).
     """
     hf = read_hf_config(path)
-    cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
+    cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype).replace(scan_layers=scan_layers)
     tensors = _read_safetensors(path)
     build = (lambda: CausalLM(cfg, rngs=nnx.Rngs(0), value_head=value_head)) if kind == "causal_lm" else (
         lambda: ScalarModel(cfg, rngs=nnx.Rngs(0)))
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
-    expected = _flat_params(state)
+    expected = per_layer(_flat_params(state))
     key_map = _key_map(cfg, kind)
     used = set()
     loaded = {}
     for ours, shape in expected.items():
         if ours[0] == "value_head":  # not in HF checkpoints: starts at zero
-            loaded[ours] = _place(np.zeros(shape.shape, shape.dtype), ours, mesh)
+            loaded[ours] = np.zeros(shape.shape, shape.dtype)
             continue
         hf_name, how = key_map[ours]
         if hf_name not in tensors:
@@ -349,13 +349,14 @@ def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = Fa
                 f"misshapen tensor {hf_name!r} in {path!r}: expected {tuple(shape.shape)} "
                 f"(after transform {how or 'none'}), found {tuple(value.shape)}")
         used.add(hf_name)
-        loaded[ours] = _place(np.asarray(value).astype(shape.dtype), ours, mesh)
+        loaded[ours] = np.asarray(value).astype(shape.dtype)
     unexpected = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)
                         and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
     if unexpected:
         raise CheckpointError(f"unexpected tensor(s) in {path!r}: {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''}")
-    nnx.replace_by_pure_dict(state, unflatten(loaded))
+    loaded = stack_layers(loaded, np.stack) if cfg.scan_layers else loaded
+    nnx.replace_by_pure_dict(state, unflatten({path: _place(value, path, mesh) for path, value in loaded.items()}))
     return nnx.merge(graphdef, state)
 
 
@@ -367,7 +368,7 @@ def _place(value: np.ndarray, path: tuple, mesh):
 
 def export_tensors(params, cfg: ModelConfig, kind: str = "causal_lm") -> dict[str, np.ndarray]:
     """Our params (an nnx.State or its pure dict) -> HF-named numpy tensors."""
-    flat = _flat_params(params)
+    flat = per_layer(_flat_params(params))
     key_map = _key_map(cfg, kind)
     out: dict[str, np.ndarray] = {}
     qkv: dict[str, dict[int, np.ndarray]] = {}

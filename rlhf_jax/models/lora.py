@@ -13,7 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from rlhf_jax.models.heads import CausalLM
-from rlhf_jax.models.tree import unflatten
+from rlhf_jax.models.tree import flatten, per_layer, stack_layers, unflatten
 
 # What trains in a LoRA run: the adapters and a value head on the shared trunk.
 TRAINABLE = nnx.Any(nnx.LoRAParam, nnx.PathContains("value_head"))
@@ -34,7 +34,7 @@ def with_lora(model: CausalLM, rank: int, alpha: float, targets, seed: int = 0) 
     for i, (path, var) in enumerate(sorted(flat.items())):
         shape, dtype = var.shape, var.dtype
         if path[-1] == "lora_a":
-            fresh[path] = jax.random.normal(jax.random.fold_in(key, i), shape, dtype) / np.sqrt(shape[0])
+            fresh[path] = jax.random.normal(jax.random.fold_in(key, i), shape, dtype) / np.sqrt(shape[-2])
         else:
             fresh[path] = jnp.zeros(shape, dtype)
     nnx.replace_by_pure_dict(lora_state, unflatten(fresh))
@@ -96,13 +96,13 @@ def save_adapters(model: CausalLM, path: str, base_model_name_or_path: str = "")
     cfg = model.cfg
     if not cfg.lora_rank:
         raise ValueError("this model has no LoRA adapters")
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    flat = per_layer(flatten(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))))
     tensors = {}
     for layer, group, proj in _adapter_items(cfg):
-        node = pure["backbone"]["layers"][layer][group][proj]
         prefix = _peft_name(cfg, layer, proj)
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(node["lora_a"]).T)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.asarray(node["lora_b"]).T)
+        for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            value = np.asarray(flat[("backbone", "layers", layer, group, proj, ours)])
+            tensors[f"{prefix}.{theirs}.weight"] = np.ascontiguousarray(value.T)
     targets = sorted(_hf_module(cfg, p) for p in cfg.lora_targets)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
               "lora_dropout": 0.0, "bias": "none", "target_modules": targets,
@@ -129,19 +129,21 @@ def load_adapters(model: CausalLM, path: str, seed: int = 0) -> CausalLM:
     adapted = with_lora(model, config["r"], config["lora_alpha"], targets, seed)
     tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
     lora_state = nnx.state(adapted, nnx.LoRAParam)
-    pure = nnx.to_pure_dict(lora_state)
+    flat = per_layer(flatten(nnx.to_pure_dict(lora_state)))
     for layer, group, proj in _adapter_items(adapted.cfg):
         prefix = _peft_name(adapted.cfg, layer, proj)
-        node = pure["backbone"]["layers"][layer][group][proj]
         for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            key = ("backbone", "layers", layer, group, proj, ours)
             name = f"{prefix}.{theirs}.weight"
             if name not in tensors:
                 raise KeyError(f"missing adapter tensor {name!r} in {path!r}")
             value = tensors[name].T
-            if value.shape != node[ours].shape:
+            if value.shape != flat[key].shape:
                 raise ValueError(f"misshapen adapter tensor {name!r} in {path!r}: expected "
-                                 f"{tuple(node[ours].shape[::-1])}, found {tensors[name].shape}")
-            node[ours] = jnp.asarray(value, node[ours].dtype)
-    nnx.replace_by_pure_dict(lora_state, pure)
+                                 f"{tuple(flat[key].shape[::-1])}, found {tensors[name].shape}")
+            flat[key] = jnp.asarray(value, flat[key].dtype)
+    if adapted.cfg.scan_layers:
+        flat = stack_layers(flat)
+    nnx.replace_by_pure_dict(lora_state, unflatten(flat))
     nnx.update(adapted, lora_state)
     return adapted

@@ -32,3 +32,50 @@ def as_master(tree):
     """Floating-point leaves in float32: the weights an optimizer updates (a bf16 weight drops any
     update below half its ulp, as most RLHF-sized steps are)."""
     return cast_floats(tree, jnp.float32)
+
+
+def flatten(tree: dict) -> dict[tuple, Any]:
+    """{a: {b: {c: x}}} -> {(a, b, c): x} (the inverse of `unflatten`; leaves are whatever is not a dict)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update({(key,) + path: leaf for path, leaf in flatten(value).items()})
+        else:
+            flat[(key,)] = value
+    return flat
+
+
+def _stacked(path: tuple) -> bool:
+    """A path into `scan_layers`' stacked blocks: ("backbone", "layers", <not a layer number>, ...)."""
+    return path[:2] == ("backbone", "layers") and len(path) > 2 and not str(path[2]).isdigit()
+
+
+def per_layer(flat: dict[tuple, Any]) -> dict[tuple, Any]:
+    """Flat params with `scan_layers`' stacked entries split into one per layer, keyed as the unstacked
+    model keys them (("backbone", "layers", i, ...)); other entries pass through. Leaves are arrays
+    or `jax.ShapeDtypeStruct`s."""
+    out = {}
+    for path, value in flat.items():
+        if not _stacked(path):
+            out[path] = value
+            continue
+        for i in range(value.shape[0]):
+            one = (jax.ShapeDtypeStruct(value.shape[1:], value.dtype) if isinstance(value, jax.ShapeDtypeStruct)
+                   else value[i])
+            out[path[:2] + (i,) + path[2:]] = one
+    return out
+
+
+def stack_layers(flat: dict[tuple, Any], stack=None) -> dict[tuple, Any]:
+    """The inverse of `per_layer`: per-layer entries ("backbone", "layers", i, ...) stacked on a new
+    leading axis under ("backbone", "layers", ...), in layer order (`stack`: np.stack or jnp.stack)."""
+    stack = stack or jnp.stack
+    out, layers = {}, {}
+    for path, value in flat.items():
+        if path[:2] == ("backbone", "layers") and len(path) > 2 and str(path[2]).isdigit():
+            layers.setdefault(path[:2] + path[3:], {})[int(path[2])] = value
+        else:
+            out[path] = value
+    for path, by_layer in layers.items():
+        out[path] = stack([by_layer[i] for i in range(len(by_layer))])
+    return out
