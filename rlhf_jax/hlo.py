@@ -118,7 +118,9 @@ def parse_module(text: str) -> tuple[dict[str, Computation], str]:
                 if header.group(1):
                     entry = current
             continue
-        if line.startswith("}"):
+        # A computation ends at a line that is a lone brace: TPU kernels' attributes (a Pallas
+        # kernel's metadata) run over several lines, some of which start with "}}".
+        if line.rstrip() == "}":
             computations[current] = Computation(current, instructions, root)
             current = None
             continue

@@ -185,6 +185,23 @@ ENTRY %main (a: f32[32,4,128], x: f32[4,128]) -> f32[4,128] {
     assert hlo.program_costs(whole).hbm_bytes == 32 * layer + 2 * layer
 
 
+def test_attributes_over_several_lines_do_not_end_a_computation():
+    """A Pallas kernel's custom call carries metadata over several lines, one starting with "}}":
+    the matmul after it still counts."""
+    text = """HloModule m
+
+ENTRY %main (a: f32[64,256], w: f32[256,256]) -> f32[64,256] {
+  %a = f32[64,256]{1,0} parameter(0)
+  %w = f32[256,256]{1,0} parameter(1)
+  %k = f32[64,256]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\"block_q\": 512}"
+}}, metadata={op_name="splash"}
+  ROOT %d = f32[64,256]{1,0} dot(%k, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+    assert hlo.program_costs(text).flops == MATMUL
+
+
 def test_roofline_names_the_slowest_resource():
     costs = hlo.Costs(flops=197e12, hbm_bytes=819e9 * 2)
     costs.comm_by_kind["all-reduce"] = 100e9  # twice over the links: 200 GB at 400 GB/s
