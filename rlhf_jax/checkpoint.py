@@ -119,6 +119,8 @@ class Checkpointer:
                 continue
             difference = first_difference(saved, expected)
             if difference:
+                if "/layers/" in difference:  # the likely cause: one run stacked its blocks, the other did not
+                    difference += "; model.scan_layers must be what it was when the checkpoint was written"
                 raise CheckpointMismatch(
                     f"checkpoint {path} was written by a run with another model or state layout ({difference}); "
                     "it is left untouched: run the config that wrote it to resume, or use another --workdir")

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax.models import CausalLM, ModelConfig, gpt2_config, load_pretrained
 from rlhf_jax.models.hf import export_tensors
-from rlhf_jax.models.lora import TRAINABLE, load_adapters, save_adapters, with_lora
+from rlhf_jax.models.lora import TRAINABLE, load_adapters, merged_params, save_adapters, with_lora
 from rlhf_jax.models.tree import flatten, per_layer
 from rlhf_jax.sampling import generate
 
@@ -139,6 +139,9 @@ def test_lora_adapters_move_between_scanned_and_unrolled_models(tmp_path):
                  rtol=0, atol=0)
     np.testing.assert_allclose(np.asarray(loaded_unrolled(ids, mask)["logits"]),
                                np.asarray(scanned(ids, mask)["logits"]), rtol=1e-5, atol=1e-6)
+    # The merged export (adapters folded into the base, as the trainer writes the final model).
+    merged = [export_tensors(merged_params(m), m.cfg) for m in (loaded_unrolled, scanned)]
+    _assert_same(*merged, rtol=1e-6, atol=1e-7)
 
 
 def test_stacked_params_keep_the_layer_axis_whole():

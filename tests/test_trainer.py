@@ -229,6 +229,10 @@ def test_changed_model_size_stops_and_leaves_checkpoints_untouched(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"\(params/policy/backbone/embed is float32\[\d+, 32\] there and "
                                                  r"float32\[\d+, 64\] here\)"):
         train(wider, str(tmp_path))
+    scanned = tiny_config(train__num_iterations=3, checkpoint__every=2)
+    scanned.model.scan_layers = True
+    with pytest.raises(CheckpointMismatch, match="model.scan_layers must be what it was"):
+        train(scanned, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
     result = _cli(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.model.builtin.hidden_size=64",
                    "--config.logging.progress=False"])
