@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The blocks stacked and run under a scan: compile time flat in depth (an 8B update compiles in about
     # the time of a 4-layer one); checkpoints of a scanned run keep the stacked layout.
     c.model.scan_layers = False
+    # The update's attention: "xla" (scores and softmax as plain XLA ops; fastest on CPU) or "splash" (TPU's
+    # Pallas kernel: no [batch, heads, seq, seq] scores in memory; prompt + response a multiple of 128).
+    c.model.attention = "xla"
 
     # path empty: model.path. pad_token: set a pad token (e.g. when the tokenizer's pad is its EOS).
     c.tokenizer = ml_collections.ConfigDict(dict(path="", pad_token=""))
@@ -173,6 +176,7 @@ def validate(config, num_devices: int = 1) -> None:
     _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.param_dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.remat", ("none", "full", "dots"))
+    _choice(config, "model.attention", ("xla", "splash"))
     _choice(config, "model.builtin.family", ("gpt2", "llama", "gemma3"))
     builtin = config.model.builtin
     if builtin.qk_norm and builtin.family != "llama":
@@ -289,6 +293,19 @@ def validate_lengths(config, max_positions: int) -> None:
             f"config.data.max_prompt_len + config.sampling.max_new_tokens = {config.data.max_prompt_len} + "
             f"{config.sampling.max_new_tokens} = {total} exceeds the model's {max_positions} positions "
             "(max_position_embeddings)")
+
+
+def validate_attention(config, platform: str) -> None:
+    """`model.attention = "splash"` compiles for TPU only, over prompt + response tokens in whole tiles."""
+    if config.model.attention != "splash":
+        return
+    if platform != "tpu":
+        raise ConfigError(f"config.model.attention = 'splash' is a TPU kernel; these devices are {platform!r} "
+                          "(use 'xla')")
+    total = config.data.max_prompt_len + config.sampling.max_new_tokens
+    if total % 128 or total % min(512, total):
+        raise ConfigError(f"config.model.attention = 'splash' needs config.data.max_prompt_len + "
+                          f"config.sampling.max_new_tokens = {total} to be a multiple of 128 (and of 512 above 512)")
 
 
 def uses_value(config) -> bool:

@@ -148,7 +148,7 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
     if unknown or not only:
         raise PlanError(f"--only={','.join(only)}: name rollout and/or update")
     from rlhf_jax.aot import abstract_iteration
-    from rlhf_jax.config import validate, validate_lengths
+    from rlhf_jax.config import validate, validate_attention, validate_lengths
     from rlhf_jax.sharding import make_mesh
 
     from rlhf_jax.roofline import CHIPS, measure_local_chip
@@ -165,6 +165,7 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
         chip = measure_local_chip()
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     validate(config, num_devices=mesh.shape["data"] * mesh.shape["fsdp"])
+    validate_attention(config, mesh.devices.flat[0].platform)
     model_cfg = _model_config(config)
     validate_lengths(config, model_cfg.max_position_embeddings)
     # No EOS: every row decodes to max_new_tokens, the length the estimate counts.

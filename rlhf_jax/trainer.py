@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.config import ConfigError, uses_value, validate, validate_lengths
+from rlhf_jax.config import ConfigError, uses_value, validate, validate_attention, validate_lengths
 from rlhf_jax.data import PromptIterator
 from rlhf_jax.loading import check_folders, load_callable, load_models, load_prompts, load_tokenizer
 from rlhf_jax.models.lora import save_adapters
@@ -51,6 +51,7 @@ class PPOTrainer:
         except ValueError as e:
             raise ConfigError(f"config.mesh: {e}") from None
         validate(config, num_devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        validate_attention(config, self.mesh.devices.flat[0].platform)
         check_folders(config)
         # Before anything loads or compiles: a reward that cannot be found is a one-line error.
         self.reward_fn = load_callable(config.reward.function) if config.reward.kind == "function" else None

@@ -78,20 +78,21 @@ def test_fsdp8_holds_an_eighth_per_device(tmp_path):
     assert max(per_device.values()) <= 1.15 * total / 8, (max(per_device.values()), total / 8)
 
 
-@pytest.mark.parametrize("family,layout,mesh_shape", [
-    ("gpt2", {}, (2, 2, 2)), ("llama", {}, (1, 8, 1)),
-    ("gpt2", {"shard_prefill": True}, (1, 8, 1)), ("llama", {"shard_prefill": True}, (2, 2, 2)),
-    ("llama", {"shard_prefill": False}, (1, 8, 1)),
+@pytest.mark.parametrize("family,layout,mesh_shape,scan", [
+    ("gpt2", {}, (2, 2, 2), False), ("llama", {}, (1, 8, 1), False),
+    ("gpt2", {"shard_prefill": True}, (1, 8, 1), False), ("llama", {"shard_prefill": True}, (2, 2, 2), False),
+    ("llama", {"shard_prefill": False}, (1, 8, 1), False), ("llama", {"shard_prefill": True}, (2, 2, 2), True),
 ])
-def test_generate_on_a_sharded_batch_equals_unsharded(family, layout, mesh_shape):
+def test_generate_on_a_sharded_batch_equals_unsharded(family, layout, mesh_shape, scan):
     """Whatever the rollout's layout (left to XLA; the KV cache split by rows; the prefill's
-    activations pinned to the batch axes too), the samples are those of one device."""
+    activations pinned to the batch axes too; the blocks and the cache stacked), the samples are
+    those of one device."""
     if family == "gpt2":
         cfg = gpt2_config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32)
     else:
         cfg = ModelConfig(family="llama", vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                           head_dim=8, intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=False)
-    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(CausalLM(cfg.replace(scan_layers=scan), rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(0)
     ids = rng.randint(2, 48, (16, 5)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -218,3 +219,31 @@ def test_grpo_groups_on_a_data8_mesh_match_one_device(tmp_path):
     _, _, eight = one_iteration(grpo(8), tmp_path / "eight")
     for key in ("objective/scores", "reward/std", "frac_reward_zero_std", "loss", "completions/mean_length"):
         assert eight[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
+def test_splash_attention_under_shard_map_equals_the_plain_attention(mesh_shape):
+    """The fused kernel (Pallas interpret mode) on each device's rows (and, over "tensor", its KV
+    heads), with the blocks scanned: the gradients of one device's plain attention."""
+    from rlhf_jax.attention import splash_attention
+    from rlhf_jax.sharding import batch_constraint
+
+    seq = 128
+    cfg = ModelConfig(family="llama", vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, intermediate_size=64, max_position_embeddings=seq, qk_norm=True, scan_layers=True)
+    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, 48, (8, seq)), jnp.int32)
+    mask = jnp.ones_like(ids).at[::3, :30].set(0).at[1::3, 90:].set(0)
+    readout = jnp.asarray(rng.normal(size=(32,)), jnp.float32)
+    mesh = make_mesh(*mesh_shape)
+
+    def loss(params, attend):
+        hidden, _ = nnx.merge(graphdef, params).backbone(ids, mask, remat="full", attend=attend,
+                                                         constrain=batch_constraint(mesh))
+        return jnp.sum(jnp.where(mask > 0, jnp.tanh(hidden) @ readout, 0.0))
+
+    plain = jax.jit(jax.grad(loss), static_argnums=1)(params, None)
+    fused = jax.jit(jax.grad(loss), static_argnums=1)(params, splash_attention(cfg, seq, mesh=mesh, interpret=True))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fused)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * np.abs(np.asarray(a)).max())

@@ -14,6 +14,7 @@ Use the modules functionally: `graphdef, params = nnx.split(model)` and
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -197,10 +198,11 @@ class Attention(nnx.Module):
         deltas = [p.lora_delta(x) for p in projections]
         return [o if d is None else o + d for o, d in zip(outs, deltas)]
 
-    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq, query_index=None):
+    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq, query_index=None, attend=None):
         """x: [b, s, d]; allowed: bool[b, s, t] (t = s, or the cache length). With `query_index`
         (see `select_positions`), only those positions attend (and are returned); keys and values
-        still come from every position."""
+        still come from every position. `attend(q, k, v)`, when given (no cache, every position),
+        replaces the scores and softmax here (a fused kernel, `rlhf_jax.attention`)."""
         cfg = self.cfg
         b, s, _ = x.shape
         q, k, v = self._qkv(x)
@@ -228,6 +230,11 @@ class Attention(nnx.Module):
             new_cache = None
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, s, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+        if attend is not None:
+            scale = 1.0 / math.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim)
+            out = attend((q.astype(jnp.float32) * scale).astype(q.dtype), k.astype(q.dtype), v.astype(q.dtype))
+            out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.num_heads * cfg.head_dim)
+            return self.o_proj(out.astype(cfg.compute_dtype)), new_cache
         scores = jnp.einsum("bkgsd,bktd->bkgst", q, k.astype(q.dtype)).astype(jnp.float32)
         scores = scores / math.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim)
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
@@ -282,9 +289,9 @@ class Block(nnx.Module):
         self.attn_post_norm = Norm(cfg.hidden_size, cfg) if sandwich else None
         self.mlp_post_norm = Norm(cfg.hidden_size, cfg) if sandwich else None
 
-    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq, query_index=None):
+    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq, query_index=None, attend=None):
         h, new_cache = self.attn(self.attn_norm(x), positions, allowed, kv_cache, cache_index, inv_freq,
-                                 query_index)
+                                 query_index, attend)
         if query_index is not None:
             x = select_positions(x, query_index)
         x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
@@ -334,7 +341,7 @@ def transpose_kernels(model) -> None:
 REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _remat_block(layer, x, positions, allowed, inv_freq, remat: str):
+def _remat_block(layer, x, positions, allowed, inv_freq, remat: str, attend=None):
     """One block (no cache, every position) under `jax.checkpoint` with the named policy.
 
     Functional (split, then merge inside) rather than `nnx.remat`: a LoRA block mixes variables of
@@ -342,7 +349,7 @@ def _remat_block(layer, x, positions, allowed, inv_freq, remat: str):
     graphdef, state = nnx.split(layer)
 
     def run(state, x, positions, allowed, inv_freq):
-        return nnx.merge(graphdef, state)(x, positions, allowed, None, None, inv_freq)[0]
+        return nnx.merge(graphdef, state)(x, positions, allowed, None, None, inv_freq, attend=attend)[0]
 
     return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, x, positions, allowed, inv_freq)
 
@@ -354,7 +361,7 @@ def stack_blocks(blocks) -> Block:
 
 
 def _scan_blocks(stacked: Block, x, positions, allowed, windowed, sliding_layers, kv, index, inv_freqs,
-                 remat: str, constrain):
+                 remat: str, constrain, attend=None):
     """Run the stacked blocks under `jax.lax.scan`, layer after layer.
 
     Per-layer differences travel as scanned inputs: the RoPE frequencies (zeros for a layer without
@@ -374,8 +381,9 @@ def _scan_blocks(stacked: Block, x, positions, allowed, windowed, sliding_layers
     def block(layer_state, x, kv, layer, freq, is_sliding):
         layer_allowed = allowed if windowed is None else jnp.where(is_sliding, windowed, allowed)
         layer_kv = None if kv is None else (*kv, layer)
+        layer_attend = None if attend is None else functools.partial(attend, sliding=is_sliding)
         x, new_kv = nnx.merge(graphdef, layer_state)(x, positions, layer_allowed, layer_kv, index,
-                                                      freq if rope else None)
+                                                      freq if rope else None, attend=layer_attend)
         return constrain(x), None if kv is None else new_kv[:2]
 
     if remat != "none":
@@ -407,7 +415,7 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg.hidden_size, cfg)
 
     def __call__(self, input_ids, attention_mask, cache=None, output_index=None, *, remat: str = "none",
-                 constrain=None, fresh_cache: bool = False):
+                 constrain=None, fresh_cache: bool = False, attend=None):
         """input_ids, attention_mask: int[batch, seq]. Returns (hidden f[batch, seq, d], new cache or None).
 
         output_index: return the hidden states at these positions only (a slice, or int[batch, n]):
@@ -420,6 +428,8 @@ class Transformer(nnx.Module):
         fresh_cache: the cache is empty (a prefill): its keys and values are written, but the call
           attends to its own `seq` positions only, not to all `max_len` slots (the same result; a
           512-token prefill into a 4096-slot cache otherwise computes 8x the scores it needs).
+        attend (without a cache): a fused attention, `rlhf_jax.attention.splash_attention(...)`,
+          for every block that attends at every position.
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
@@ -459,10 +469,14 @@ class Transformer(nnx.Module):
         # layer's weights in place and reduces partial sums, where in a scan it gathered every layer's
         # weights at every token (19.5 GiB per token per chip for an 8B model on 16 v5e chips, against
         # 155 MiB). Training, scoring and the prefill scan.
+        if attend is not None:
+            if cache is not None:
+                raise ValueError("attend (a fused attention) is for calls without a KV cache")
+            attend = functools.partial(attend, key_real=mask)
         if cfg.scan_layers and (cache is None or fresh_cache):
             kv = None if cache is None else (cache["k"], cache["v"])
             x, kv = _scan_blocks(self.layers, x, positions, allowed, windowed, cfg.sliding_layers, kv, index,
-                                 inv_freqs, remat if cache is None else "none", constrain)
+                                 inv_freqs, remat if cache is None else "none", constrain, attend)
             if output_index is not None:  # every position ran the last block (the scan's one shape)
                 x = select_positions(x, output_index)
             hidden = self.final_norm(x)
@@ -474,14 +488,17 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self._each_layer()):
             query_index = output_index if i == cfg.num_layers - 1 else None
             layer_allowed = windowed if i in cfg.sliding_layers else allowed
+            layer_attend = None if attend is None or query_index is not None else functools.partial(
+                attend, sliding=i in cfg.sliding_layers)
             if cache is None and remat != "none" and query_index is None:
-                x = _remat_block(layer, x, positions, layer_allowed, inv_freqs[i], remat)
+                x = _remat_block(layer, x, positions, layer_allowed, inv_freqs[i], remat, layer_attend)
             elif stacked_cache:  # written in place
                 x, (new_k, new_v, _) = layer(x, positions, layer_allowed, (new_k, new_v, i), index, inv_freqs[i],
                                              query_index)
             else:
                 layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, layer_cache = layer(x, positions, layer_allowed, layer_cache, index, inv_freqs[i], query_index)
+                x, layer_cache = layer(x, positions, layer_allowed, layer_cache, index, inv_freqs[i], query_index,
+                                       layer_attend)
                 if cache is not None:
                     new_k.append(layer_cache[0])
                     new_v.append(layer_cache[1])
