@@ -1,5 +1,6 @@
 """PPO on a Llama-3.1-8B-shaped policy at real size: full fine-tuning, value head on the trunk,
-f32 master weights and optimizer state, bf16 compute, FSDP over every chip.
+f32 master weights and optimizer state, bf16 compute, FSDP over every chip, the blocks scanned
+(`model.scan_layers`: the update compiles in about 40 s on a 2-core CPU host, against 259 s unrolled).
 
 The architecture is Llama-3.1-8B's config values (random weights unless model.path names a
 local folder with the real ones; llama3 RoPE scaling does not change memory or FLOPs and is left
@@ -20,7 +21,8 @@ def llama3_8b(c):
 
 def get_config():
     c = llama3_8b(base_config())
-    c.model.update(dtype="bfloat16", param_dtype="float32", value_model="shared", remat="full", logits_chunk=128)
+    c.model.update(dtype="bfloat16", param_dtype="float32", value_model="shared", remat="full", logits_chunk=128,
+                   scan_layers=True)
     c.data.max_prompt_len = 512
     c.sampling.max_new_tokens = 512
     c.train.rollout_batch_size = 64

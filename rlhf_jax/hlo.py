@@ -20,6 +20,8 @@ The counts are what a roofline needs, not a simulation:
   dynamic-update-slice writes only the update, and buffers a fusion only passes through or that a
   TPU program keeps on chip (layout memory space `S(n)`, n > 0) are not HBM traffic. Parameters,
   tuples, bitcasts and the loops themselves move nothing.
+- custom calls: a Pallas kernel is opaque here: its FLOPs are not counted, its operands and result
+  count as one read and one write; TPU's own buffer custom calls (allocations, bitcasts) move nothing.
 - collective bytes: the data each device contributes per collective: the gathered result of an
   all-gather, the operand of an all-reduce, reduce-scatter, all-to-all or collective-permute.
 """

@@ -15,6 +15,8 @@ on a roofline (`rlhf_jax.roofline`): a lower bound per function and for the whol
 the model-FLOPs utilisation it would reach. Without `--topology` each function also runs on the
 local devices (zeros for weights, every row decoded to the full length) and its measured seconds
 stand beside the estimate, on a roofline of this machine's measured matmul and memory speed.
+A Pallas kernel (`model.attention = "splash"`) is one opaque custom call to that reader: its own
+FLOPs are not counted, its HBM bytes only as one read of its operands and one write of its result.
 
 Memory per device counts everything resident while a function runs, not only its arguments: the
 train state (params and optimizer moments), the frozen LoRA base, the reference, the reward model,
