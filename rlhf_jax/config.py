@@ -77,9 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
         chat_template=False))  # wrap each prompt as a user turn with the tokenizer's chat template
 
     # shard_cache: split the KV cache by rows over the batch axes (False: XLA places it); shard_prefill:
-    # also the prefill's activations, so that it gathers weights instead of reducing partial sums
+    # also the prefill's activations, so that it gathers weights instead of reducing partial sums;
+    # decode_segments: the decode loop in this many loops, each reading the KV cache only as far as it
+    # is filled by then (1: one loop reading every slot at every step)
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
-                                                shard_cache=True, shard_prefill=True))
+                                                shard_cache=True, shard_prefill=True, decode_segments=1))
 
     c.ppo = ml_collections.ConfigDict(dict(
         kl_coef=0.05, kl_estimator="k1", kl_in_loss=False, kl_loss_estimator="k3",
@@ -191,6 +193,7 @@ def validate(config, num_devices: int = 1) -> None:
         raise ConfigError(f"config.model.builtin.head_dim = {builtin.head_dim}: the gpt2 family's is "
                           "hidden_size / num_heads")
     _positive(config, "model.logits_chunk", allow_zero=True)
+    _positive(config, "sampling.decode_segments")
     if config.model.logits_chunk and config.sampling.max_new_tokens % config.model.logits_chunk:
         raise ConfigError(f"config.model.logits_chunk = {config.model.logits_chunk} does not divide "
                           f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens}")

@@ -149,15 +149,18 @@ def _called(attrs: str, key: str) -> list[str]:
     return [match.group(1)] if match else []
 
 
-def trip_count(computations: dict[str, Computation], while_inst: Instruction) -> int | None:
+def trip_count(computations: dict[str, Computation], while_inst: Instruction,
+               enclosing: Computation | None = None) -> int | None:
     """How often a while loop's body runs: XLA's known_trip_count, else from the condition's
-    `counter < N` and the body's `counter + step` (N / step, the most it runs, for a counter from 0),
-    else None."""
+    `counter < N` and the body's `counter + step`: (N - start) / step, the most it runs, where
+    start is the counter's initial value when the loop's input tuple (in `enclosing`) has it as a
+    constant, else 0; else None."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_inst.attrs)
     if known:
         return int(known.group(1))
     found = []  # (bound, tuple index of the counter or None)
     pending = _called(while_inst.attrs, "condition")
+    callers: dict[str, tuple[Computation, Instruction]] = {}  # fused computation -> (caller, fusion)
     seen = set()
     while pending:
         comp = computations.get(pending.pop())
@@ -170,13 +173,51 @@ def trip_count(computations: dict[str, Computation], while_inst: Instruction) ->
                 bound, counter = (inst.operands[1], inst.operands[0]) if less else inst.operands
                 const = comp.by_name.get(bound)
                 if const is not None and const.opcode == "constant" and _int_operand(const) is not None:
-                    found.append((_int_operand(const), _tuple_index(comp.by_name.get(counter))))
-            pending.extend(_called(inst.attrs, "calls"))
+                    index, offset = _counter(comp, counter, callers)
+                    found.append((_int_operand(const) - offset, index))
+            for called in _called(inst.attrs, "calls"):
+                callers.setdefault(called, (comp, inst))
+                pending.append(called)
     if not found:
         return None
     bound, index = max(found, key=lambda f: f[0])
     step = _counter_step(computations, (_called(while_inst.attrs, "body") or [""])[0], index)
-    return -(-bound // step)
+    return max(0, -(-(bound - _counter_start(enclosing, while_inst, index)) // step))
+
+
+def _counter_start(enclosing: Computation | None, while_inst: Instruction, index: int | None) -> int:
+    """The loop counter's initial value when it enters the loop as a constant, else 0."""
+    if enclosing is None or index is None or not while_inst.operands:
+        return 0
+    init = enclosing.by_name.get(while_inst.operands[0])
+    if init is None or init.opcode != "tuple" or index >= len(init.operands):
+        return 0
+    const = enclosing.by_name.get(init.operands[index])
+    if const is not None and const.opcode == "copy" and const.operands:
+        const = enclosing.by_name.get(const.operands[0])
+    if const is None or const.opcode != "constant":
+        return 0
+    return _int_operand(const) or 0
+
+
+def _counter(comp: Computation, name: str, callers: dict) -> tuple[int | None, int]:
+    """The loop counter a condition compares: (its tuple index, a constant the condition adds to it
+    first; XLA rewrites `i < N` for i from a to `j + a < N` for j from 0). Inside a fusion, a
+    parameter is followed out to the fusion's operand in the condition."""
+    inst = comp.by_name.get(name)
+    while inst is not None and inst.opcode == "parameter" and comp.name in callers:
+        caller, fusion = callers[comp.name]
+        number = _int_operand(inst)
+        if number is None or number >= len(fusion.operands):
+            break
+        comp, inst = caller, caller.by_name.get(fusion.operands[number])
+    if inst is not None and inst.opcode == "add" and len(inst.operands) == 2:
+        for counter, other in (inst.operands, inst.operands[::-1]):
+            const = comp.by_name.get(other)
+            index = _tuple_index(comp.by_name.get(counter))
+            if index is not None and const is not None and const.opcode == "constant" and _int_operand(const) is not None:
+                return index, _int_operand(const)
+    return _tuple_index(inst), 0
 
 
 def _tuple_index(inst: Instruction | None) -> int | None:
@@ -363,7 +404,7 @@ def computation_costs(computations: dict[str, Computation], name: str, fused: bo
         if kind is not None:
             costs.comm_by_kind[kind] += _collective_bytes(inst, kind, comp)
         if op == "while":
-            trips = trip_count(computations, inst)
+            trips = trip_count(computations, inst, comp)
             if trips is None:
                 costs.unknown_trip_counts += 1
             body = Costs()

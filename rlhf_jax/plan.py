@@ -249,15 +249,17 @@ def measured_seconds(step, compiled: dict, repeats: int = 3) -> dict:
 
 
 def _rollout_details(report: dict) -> None:
-    """The decode loop's (the sampler's while loop) costs per token and what the rest (the prefill) moves."""
-    loops = [loop for loop in report["loops"] if loop["op_name"].endswith("jit(generate)/while")]
-    if not loops:
+    """The decode loops' (the sampler's, `sampling.decode_segments` of them) costs per token,
+    averaged over their steps, and what the rest (the prefill) moves."""
+    loops = [loop for loop in report["loops"] if "/decode/" in loop["op_name"] and loop["op_name"].endswith("while")]
+    steps = sum(loop["trips"] or 1 for loop in loops)
+    if not steps:
         return
-    loop = max(loops, key=lambda loop: loop["trips"] or 0)
-    report["per_token_comm_mib"] = loop["comm_mib"]
-    report["per_token_hbm_mib"] = loop["hbm_traffic_mib"]
-    report["per_token_gflop"] = loop["flops"] / 1e9
-    report["prefill_comm_gib"] = max(report["comm_gib"] - loop["comm_mib"] * (loop["trips"] or 1) / 1024, 0.0)
+    total = {key: sum(loop[key] * (loop["trips"] or 1) for loop in loops) for key in ("comm_mib", "hbm_traffic_mib", "flops")}
+    report["per_token_comm_mib"] = total["comm_mib"] / steps
+    report["per_token_hbm_mib"] = total["hbm_traffic_mib"] / steps
+    report["per_token_gflop"] = total["flops"] / steps / 1e9
+    report["prefill_comm_gib"] = max(report["comm_gib"] - total["comm_mib"] / 1024, 0.0)
 
 
 def param_counts(params) -> dict:

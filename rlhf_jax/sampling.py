@@ -77,6 +77,16 @@ def categorical(uniform, logits):
     return jnp.sum(cdf <= target, axis=-1).astype(jnp.int32)
 
 
+def segment_bounds(max_new_tokens: int, segments: int) -> list[tuple[int, int]]:
+    """The decode loop's steps 1..max_new_tokens-1 as up to `segments` contiguous (start, end) ranges
+    of near-equal length."""
+    if segments < 1:
+        raise ValueError(f"decode_segments must be >= 1, got {segments}")
+    steps = max_new_tokens - 1
+    cuts = sorted({1 + steps * i // segments for i in range(segments + 1)})
+    return [(a, b) for a, b in zip(cuts, cuts[1:])] or [(1, max(1, max_new_tokens))]
+
+
 def _pin_rows(mesh, cache):
     """The KV cache with its row axis over the mesh's batch axes (the write index stays replicated)."""
     constrain = batch_constraint(mesh)
@@ -93,11 +103,12 @@ def _pin_rows(mesh, cache):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
-                     "with_values", "transposed_kernels", "batch_mesh", "shard_prefill"))
+                     "with_values", "transposed_kernels", "batch_mesh", "shard_prefill", "decode_segments"))
 def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, with_values: bool = False,
-             transposed_kernels: bool | None = None, batch_mesh=None, shard_prefill: bool = False):
+             transposed_kernels: bool | None = None, batch_mesh=None, shard_prefill: bool = False,
+             decode_segments: int = 1):
     """Sample `max_new_tokens` continuations of a batch of prompts.
 
     Args:
@@ -121,6 +132,10 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         partial sums (left to XLA, an 8B prefill of 64 x 512 tokens on 16 chips all-reduced 74 GiB
         per chip). The decode loop is left to XLA: pinned too, it gathered every layer's weights at
         every token.
+      decode_segments: the decode loop as this many loops, one after another, each attending to the
+        KV cache only as far as its last step has written (the cache is static: one loop reads all
+        `prompt_len + max_new_tokens` slots at every step, filled or not). 4 segments read about
+        0.6-0.8 of it; each segment compiles its own copy of the decode step. Same samples.
 
     Returns a dict:
       response_ids: int32[batch, max_new_tokens], pad after EOS;
@@ -186,17 +201,31 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     done = jnp.zeros((batch,), bool)
     token, live, done, buffers = emit(0, hidden, done, buffers)
 
-    def cond(carry):
-        step, _, _, done, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def loop(carry, start: int, end: int):
+        """Steps start..end-1 (or until every row is done): step s feeds the token of step s - 1,
+        written to slot prompt_len + s - 1."""
+        kv_len = None if end == max_new_tokens else prompt_len + end - 1
 
-    def body(carry):
-        step, token, live, done, cache, buffers = carry
-        hidden, cache = model.backbone(token[:, None], live[:, None].astype(jnp.int32), pin(cache))
-        token, live, done, buffers = emit(step, hidden[:, 0], done, buffers)
-        return step + 1, token, live, done, pin(cache), buffers
+        def cond(carry):
+            step, _, _, done, _, _ = carry
+            return (step < end) & ~jnp.all(done)
 
-    carry = (jnp.ones((), jnp.int32), token, live, done, cache, buffers)
-    *_, buffers = jax.lax.while_loop(cond, body, carry)
+        def body(carry):
+            step, token, live, done, cache, buffers = carry
+            hidden, cache = model.backbone(token[:, None], live[:, None].astype(jnp.int32), pin(cache),
+                                           kv_len=kv_len)
+            token, live, done, buffers = emit(step, hidden[:, 0], done, buffers)
+            return step + 1, token, live, done, pin(cache), buffers
+
+        # The counter restarts from a constant (the step the last loop ended on, unless every row was
+        # done, when no step runs): the planner reads each loop's trip count from it, and finds the
+        # loops by their "decode" scope.
+        with jax.named_scope("decode"):
+            return jax.lax.while_loop(cond, body, (jnp.asarray(start, jnp.int32), *carry[1:]))
+
+    carry = (None, token, live, done, cache, buffers)
+    for start, end in segment_bounds(max_new_tokens, decode_segments):
+        carry = loop(carry, start, end)
+    *_, buffers = carry
     buffers["lengths"] = buffers["response_mask"].sum(-1)
     return buffers

@@ -38,6 +38,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--no_torch", action="store_true", help="time ours only")
+    parser.add_argument("--decode_segments", type=int, default=1,
+                        help="decode loops, each reading the KV cache as far as it is filled")
     args = parser.parse_args()
 
     cfg = gpt2_config(vocab_size=args.vocab, hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
@@ -51,7 +53,8 @@ def main():
 
     def ours(seed):
         out = generate(graphdef, params, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(seed),
-                       max_new_tokens=args.new_tokens, temperature=1.0, eos_ids=(), pad_id=0)
+                       max_new_tokens=args.new_tokens, temperature=1.0, eos_ids=(), pad_id=0,
+                       decode_segments=args.decode_segments)
         jax.block_until_ready(out["response_ids"])
 
     t0 = time.perf_counter()

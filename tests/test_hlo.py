@@ -50,6 +50,18 @@ def test_loop_bodies_count_once_per_trip(fn, stacked, trips):
     assert xla["flops"] < 1.1 * MATMUL
 
 
+def test_a_loop_from_a_constant_start_counts_its_own_steps():
+    """Decoding in segments: each loop's counter starts where the last one ended (a constant)."""
+    def from_three(x, w):
+        def cond(carry):
+            i, x = carry
+            return (i < 10) & (jnp.sum(x) < 1e9)
+        return jax.lax.while_loop(cond, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)), (3, x))[1]
+    costs = _costs(from_three, jnp.zeros((M, K)), jnp.zeros((K, K)))
+    assert [loop["trips"] for loop in costs.loops] == [7]
+    assert costs.flops == 7 * MATMUL
+
+
 def test_nested_loops_multiply():
     def nested(x, w):
         return jax.lax.fori_loop(0, 3, lambda i, x: _fori(x, w), x)

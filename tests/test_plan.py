@@ -52,6 +52,8 @@ def test_plan_reports_what_does_not_fit_on_a_tpu_slice():
     (["--only=sample"], "--only=sample"),
     (["--topology=v5e:2x2", "--measure"], "--measure"),
     (["--config.model.remat=some"], "config.model.remat = 'some'"),
+    (["--config.sampling.decode_segments=0"], "config.sampling.decode_segments = 0"),
+    (["--config.model.attention=splash"], "config.model.attention = 'splash' is a TPU kernel"),
 ])
 def test_plan_bad_arguments_are_one_line(args, message):
     result = _plan("--config=configs/tiny.py", *args)

@@ -168,3 +168,21 @@ def test_inverse_cdf_never_draws_a_token_without_probability():
     logits = jnp.asarray([[3.0, -jnp.inf, -30.0, 0.5, -jnp.inf]])
     draws = categorical(jax.random.uniform(jax.random.key(0), (4096,)), jnp.repeat(logits, 4096, axis=0))
     assert set(np.unique(np.asarray(draws)).tolist()) <= {0, 2, 3}
+
+
+@pytest.mark.parametrize("segments", [3, 7])
+def test_decode_segments_sample_what_one_loop_samples(model, prompts, segments):
+    """Each segment attends to the KV cache only as far as it is filled: the same tokens, log-probs,
+    values and stops (rows end at their EOS mid-segment)."""
+    stops = tuple(range(1, 12))  # rows end at 1, 6, 2 and 3 tokens
+    one = run(model, prompts, key=3, eos_ids=stops, with_values=True, top_k=20)
+    split = run(model, prompts, key=3, eos_ids=stops, with_values=True, top_k=20, decode_segments=segments)
+    assert sorted(set(one["lengths"])) == [1, 2, 3, 6]
+    np.testing.assert_array_equal(one["response_ids"], split["response_ids"])
+    np.testing.assert_array_equal(one["lengths"], split["lengths"])
+    long = [run(model, prompts, key=4, top_k=20, decode_segments=n) for n in (1, segments)]  # no stops
+    np.testing.assert_array_equal(long[0]["response_ids"], long[1]["response_ids"])
+    for key in ("logprobs", "values"):
+        np.testing.assert_allclose(one[key], split[key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="decode_segments must be >= 1"):
+        run(model, prompts, decode_segments=0)

@@ -98,14 +98,18 @@ def test_scanned_logits_and_gradients_equal_the_unrolled_ones(name, lora):
 
 @pytest.mark.parametrize("name", ["gpt2", "gemma3"])
 def test_scanned_decoding_samples_what_the_unrolled_model_samples(name):
-    """The KV cache stacked in the scan's carry: greedy and sampled tokens and their log-probs agree."""
+    """The KV cache stacked in the scan's carry: sampled tokens and their log-probs agree, in one
+    decode loop or several."""
     ids, mask = _batch()
     outs = []
     for model in _pair(CONFIGS[name]):
         graphdef, params = nnx.split(model)
-        outs.append(generate(graphdef, params, ids, mask, jax.random.PRNGKey(3), max_new_tokens=6,
-                             temperature=1.0, top_k=20, with_values=True))
-    assert np.array_equal(outs[0]["response_ids"], outs[1]["response_ids"])
+        for segments in (1, 3):  # the stacked cache read only as far as it is filled, too
+            outs.append(generate(graphdef, params, ids, mask, jax.random.PRNGKey(3), max_new_tokens=6,
+                                 temperature=1.0, top_k=20, with_values=True, decode_segments=segments))
+    assert all(np.array_equal(outs[0]["response_ids"], out["response_ids"]) for out in outs[1:])
+    for out in outs[2:]:
+        np.testing.assert_allclose(np.asarray(out["logprobs"]), np.asarray(outs[0]["logprobs"]), rtol=1e-5, atol=1e-6)
     for key in ("logprobs", "values"):
         np.testing.assert_allclose(np.asarray(outs[0][key]), np.asarray(outs[1][key]), rtol=1e-5, atol=1e-6)
 

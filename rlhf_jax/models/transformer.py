@@ -223,9 +223,11 @@ class Attention(nnx.Module):
         k = k.transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
         if kv_cache is not None:
-            new_cache, full = _write_cache(kv_cache, k, v, cache_index)
-            if allowed.shape[-1] == full[0].shape[2]:  # else a fresh cache's prefill: its own keys only
-                k, v = full
+            keys = allowed.shape[-1]  # the cache's first `keys` slots (see Transformer's kv_len)
+            own = keys == k.shape[2]  # a fresh cache's prefill: this call's own keys only
+            new_cache, seen = _write_cache(kv_cache, k, v, cache_index, None if own else keys)
+            if not own:
+                k, v = seen
         else:
             new_cache = None
         groups = cfg.num_heads // cfg.num_kv_heads
@@ -243,21 +245,26 @@ class Attention(nnx.Module):
         return self.o_proj(out.astype(cfg.compute_dtype)), new_cache
 
 
-def _write_cache(kv_cache, k, v, cache_index):
+def _write_cache(kv_cache, k, v, cache_index, keys: int | None = None):
     """Write the new keys and values [b, kv, s, d] at slot `cache_index`.
 
     kv_cache: (k, v) of one layer, [b, kv, t, d] each; or, under `scan_layers`, (k, v, layer) with
     the whole stack [layers, b, kv, t, d], written in place at `layer` (the scan carries the stack:
     as scanned inputs and outputs, every decoded token would copy the whole cache).
-    Returns (the new cache, in the form given; this layer's keys and values after the write)."""
+    Returns (the new cache, in the form given; this layer's keys and values after the write, their
+    first `keys` slots, each read as one slice (a layer picked from the stack and then cut, XLA:TPU
+    copied the layer's whole cache at every decoded token); None without `keys`)."""
     if len(kv_cache) == 2:
         new = tuple(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, 0, cache_index, 0))
                     for c, x in zip(kv_cache, (k, v)))
-        return new, new
+        return new, None if keys is None else tuple(c if keys == c.shape[2] else c[:, :, :keys] for c in new)
     *stacks, layer = kv_cache
     new = tuple(jax.lax.dynamic_update_slice(c, x.astype(c.dtype)[None], (layer, 0, 0, cache_index, 0))
                 for c, x in zip(stacks, (k, v)))
-    return (*new, layer), tuple(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in new)
+    if keys is None:
+        return (*new, layer), None
+    return (*new, layer), tuple(
+        jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, *c.shape[1:3], keys, c.shape[4]))[0] for c in new)
 
 
 class MLP(nnx.Module):
@@ -415,7 +422,7 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg.hidden_size, cfg)
 
     def __call__(self, input_ids, attention_mask, cache=None, output_index=None, *, remat: str = "none",
-                 constrain=None, fresh_cache: bool = False, attend=None):
+                 constrain=None, fresh_cache: bool = False, attend=None, kv_len: int | None = None):
         """input_ids, attention_mask: int[batch, seq]. Returns (hidden f[batch, seq, d], new cache or None).
 
         output_index: return the hidden states at these positions only (a slice, or int[batch, n]):
@@ -428,6 +435,9 @@ class Transformer(nnx.Module):
         fresh_cache: the cache is empty (a prefill): its keys and values are written, but the call
           attends to its own `seq` positions only, not to all `max_len` slots (the same result; a
           512-token prefill into a 4096-slot cache otherwise computes 8x the scores it needs).
+        kv_len (with a cache, static): attend to the cache's first `kv_len` slots only (they must
+          hold every slot written so far, this call's included): a decode step then reads that
+          much of the static cache, not all `max_len` slots.
         attend (without a cache): a fused attention, `rlhf_jax.attention.splash_attention(...)`,
           for every block that attends at every position.
         """
@@ -451,10 +461,11 @@ class Transformer(nnx.Module):
             index = cache["index"]
             positions = jnp.maximum(cache["positions"][:, None] + offsets, 0)
             key_mask = jax.lax.dynamic_update_slice(cache["key_mask"], mask, (0, index))
-            distance = (index + jnp.arange(seq))[:, None] - jnp.arange(seq if fresh_cache else key_mask.shape[1])
+            keys = seq if fresh_cache else kv_len or key_mask.shape[1]
+            distance = (index + jnp.arange(seq))[:, None] - jnp.arange(keys)
             causal = distance >= 0
             window = distance < cfg.sliding_window
-            keys_real = mask if fresh_cache else key_mask
+            keys_real = mask if fresh_cache else key_mask[:, :keys]
         allowed = causal[None] & keys_real[:, None, :]
         windowed = allowed & window[None] if cfg.sliding_layers else None
         x = self.embed[...][input_ids].astype(cfg.compute_dtype)
