@@ -1,10 +1,12 @@
-"""Fused attention for training and scoring forwards: TPU's Pallas splash-attention kernel.
+"""Fused attention for training and scoring forwards: TPU's Pallas splash-attention kernel, and
+cuDNN's on GPU through `jax.nn.dot_product_attention`.
 
-`splash_attention(...)` returns an `attend` function that the transformer calls instead of its own
-attention (`model.backbone(..., attend=attend)`): it never materialises the `[batch, heads, seq, seq]`
-scores (the kernel works block by block, skipping blocks the causal or sliding-window mask rules out,
-in the forward and the backward), where the plain path keeps f32 scores and probabilities of a
-layer (and, without remat, of every layer) for the backward.
+`make_attend(config.model.attention, ...)` returns an `attend` function that the transformer calls
+instead of its own attention (`model.backbone(..., attend=attend)`), or None for "xla" (the plain
+path). A fused kernel never materialises the `[batch, heads, seq, seq]` scores (it works block by
+block, splash skipping the blocks the causal or sliding-window mask rules out, in the forward and
+the backward), where the plain path keeps f32 scores and probabilities of a layer (and, without
+remat, of every layer) for the backward.
 
 Padding goes in as segment ids (0 for padding, 1 for real tokens): a real query attends to the real
 keys before it, exactly as the plain path; a padding query attends to the padding before it, where
@@ -17,8 +19,6 @@ runs the same kernel on any backend, slowly (for tests).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -86,8 +86,43 @@ def splash_attention(cfg: ModelConfig, seq_len: int, mesh=None, interpret: bool 
             return local(q, k, v, segments, sliding)
         heads = "tensor" if cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
         spec = P(BATCH_AXES, heads)
-        run = jax.shard_map(functools.partial(local), mesh=mesh,
+        run = jax.shard_map(local, mesh=mesh,
                             in_specs=(spec, spec, spec, P(BATCH_AXES), P()), out_specs=spec, check_vma=False)
         return run(q, k, v, segments, sliding)
 
     return attend
+
+
+def cudnn_attention(cfg: ModelConfig, implementation: str = "cudnn"):
+    """`attend` (as `splash_attention`'s) through `jax.nn.dot_product_attention`: cuDNN's fused
+    kernel on GPU; `implementation="xla"` is the same call through XLA (what tests run off GPU).
+
+    The mask (causal, the sliding window, padding) goes in whole, `bool[batch, 1, seq, seq]`, which
+    JAX hands to cuDNN as an additive bias: cuDNN's own padding masks take right padding only, and
+    prompts here are left-padded. Sharding is JAX's own partitioning of the cuDNN call.
+    """
+    def attend(q, k, v, key_real, sliding=False):
+        b, kv, groups, s, d = q.shape
+        query = q.transpose(0, 3, 1, 2, 4).reshape(b, s, kv * groups, d)  # head = kv head * groups + g
+        key, value = (x.transpose(0, 2, 1, 3) for x in (k, v))
+        position = jnp.arange(s)
+        behind = position[:, None] - position[None, :]
+        mask = (behind >= 0)[None] & key_real[:, None, :]
+        if cfg.sliding_layers:
+            mask = jnp.where(sliding, mask & (behind < cfg.sliding_window)[None], mask)
+        out = jax.nn.dot_product_attention(query, key, value, mask=mask[:, None], scale=1.0,
+                                           implementation=implementation)
+        return out.reshape(b, s, kv, groups, d).transpose(0, 2, 3, 1, 4)
+
+    return attend
+
+
+def make_attend(kind: str, cfg: ModelConfig, seq_len: int, mesh=None):
+    """The `attend` of `model.attention` = kind ("xla": None, the plain path; "splash"; "cudnn")."""
+    if kind == "splash":
+        return splash_attention(cfg, seq_len, mesh)
+    if kind == "cudnn":
+        return cudnn_attention(cfg)
+    if kind != "xla":
+        raise ValueError(f"attention {kind!r}: choose xla, splash or cudnn")
+    return None

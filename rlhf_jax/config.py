@@ -44,8 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The blocks stacked and run under a scan: compile time flat in depth (an 8B update compiles in about
     # the time of a 4-layer one); checkpoints of a scanned run keep the stacked layout.
     c.model.scan_layers = False
-    # The update's attention: "xla" (scores and softmax as plain XLA ops; fastest on CPU) or "splash" (TPU's
-    # Pallas kernel: no [batch, heads, seq, seq] scores in memory; prompt + response a multiple of 128).
+    # The update's attention: "xla" (scores and softmax as plain XLA ops; fastest on CPU), "splash" (TPU's
+    # Pallas kernel: no [batch, heads, seq, seq] scores in memory; prompt + response a multiple of 128) or
+    # "cudnn" (GPU: cuDNN's fused kernel through jax.nn.dot_product_attention).
     c.model.attention = "xla"
 
     # path empty: model.path. pad_token: set a pad token (e.g. when the tokenizer's pad is its EOS).
@@ -178,7 +179,7 @@ def validate(config, num_devices: int = 1) -> None:
     _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.param_dtype", ("float32", "bfloat16", "float16"))
     _choice(config, "model.remat", ("none", "full", "dots"))
-    _choice(config, "model.attention", ("xla", "splash"))
+    _choice(config, "model.attention", ("xla", "splash", "cudnn"))
     _choice(config, "model.builtin.family", ("gpt2", "llama", "gemma3"))
     builtin = config.model.builtin
     if builtin.qk_norm and builtin.family != "llama":
@@ -299,7 +300,11 @@ def validate_lengths(config, max_positions: int) -> None:
 
 
 def validate_attention(config, platform: str) -> None:
-    """`model.attention = "splash"` compiles for TPU only, over prompt + response tokens in whole tiles."""
+    """`model.attention = "splash"` compiles for TPU only, over prompt + response tokens in whole tiles;
+    "cudnn" for GPU only."""
+    if config.model.attention == "cudnn" and platform != "gpu":
+        raise ConfigError(f"config.model.attention = 'cudnn' is a GPU kernel; these devices are {platform!r} "
+                          "(use 'xla')")
     if config.model.attention != "splash":
         return
     if platform != "tpu":

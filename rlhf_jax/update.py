@@ -23,7 +23,7 @@ from flax import nnx
 
 from rlhf_jax import advantages as adv_lib
 from rlhf_jax import kl as kl_lib
-from rlhf_jax.attention import splash_attention
+from rlhf_jax.attention import make_attend
 from rlhf_jax.models.tree import as_master, cast_floats
 from rlhf_jax.ppo import lm_ppo_loss, lm_token_stats, minibatch_orders, ppo_update, rollout_metrics, sampler_weights
 from rlhf_jax.rollout import Rollout, join, response_positions, sequence_values
@@ -146,9 +146,9 @@ class _Forward:
         """The backbone's hidden states at the positions that predict each response token."""
         ids, mask = join(mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
         prompt_len, response_len = mb["prompt_ids"].shape[1], mb["response_ids"].shape[1]
-        # The fused kernel serves the policy's and the reference's forwards (a separate value model
+        # A fused kernel serves the policy's and the reference's forwards (a separate value model
         # keeps the plain attention).
-        attend = (splash_attention(model.cfg, ids.shape[1], self.mesh) if self.attention == "splash" else None)
+        attend = make_attend(self.attention, model.cfg, ids.shape[1], self.mesh)
         hidden, _ = model.backbone(ids, mask, output_index=response_positions(prompt_len, response_len),
                                    attend=attend, **self.backbone_options)
         return hidden

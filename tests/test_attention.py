@@ -1,6 +1,7 @@
-"""The fused attention (TPU's splash kernel, run here in Pallas' interpret mode) gives the plain
-attention's outputs and gradients at every real position; `model.attention = "splash"` is refused
-off TPU, and an 8B-shaped update compiles with it for a TPU slice."""
+"""The fused attentions give the plain attention's outputs and gradients at every real position:
+TPU's splash kernel (run here in Pallas' interpret mode) and the `jax.nn.dot_product_attention`
+call of the cuDNN path (run here through XLA: no GPU on this machine; cuDNN itself is not tested
+here). Each is refused off its own devices."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhf_jax.attention import splash_attention
+from rlhf_jax.attention import cudnn_attention, splash_attention
 from rlhf_jax.models import CausalLM, ModelConfig
 
 SEQ = 128  # the kernel's smallest tile
@@ -29,12 +30,17 @@ def _batch():
     return ids, jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("cfg,scan", [(LLAMA, False), (GEMMA, True)], ids=["llama", "gemma3-scanned"])
-def test_splash_attention_equals_the_plain_attention_with_gradients(cfg, scan):
+@pytest.mark.parametrize("kind,cfg,scan", [("splash", LLAMA, False), ("splash", GEMMA, True),
+                                           ("cudnn", LLAMA, True), ("cudnn", GEMMA, False)],
+                         ids=["splash-llama", "splash-gemma3-scanned", "cudnn-call-llama-scanned", "cudnn-call-gemma3"])
+def test_fused_attention_equals_the_plain_attention_with_gradients(kind, cfg, scan):
     ids, mask = _batch()
     model = CausalLM(cfg.replace(scan_layers=scan), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    attend = splash_attention(model.cfg, SEQ, interpret=True)
+    if kind == "splash":
+        attend = splash_attention(model.cfg, SEQ, interpret=True)
+    else:
+        attend = cudnn_attention(model.cfg, implementation="xla")
     real = np.asarray(mask, bool)
 
     # A random readout: a squared norm of the final-normed hidden states is nearly constant, its
@@ -53,9 +59,13 @@ def test_splash_attention_equals_the_plain_attention_with_gradients(cfg, scan):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * np.abs(np.asarray(a)).max())
 
 
-def test_splash_needs_a_tpu_and_whole_tiles():
+def test_fused_kernels_need_their_devices_and_splash_whole_tiles():
     from rlhf_jax.config import ConfigError, base_config, validate_attention
     config = base_config()
+    config.model.attention = "cudnn"
+    with pytest.raises(ConfigError, match="config.model.attention = 'cudnn' is a GPU kernel; these devices are 'tpu'"):
+        validate_attention(config, "tpu")
+    validate_attention(config, "gpu")
     config.model.attention = "splash"
     config.data.max_prompt_len, config.sampling.max_new_tokens = 64, 64
     with pytest.raises(ConfigError, match="config.model.attention = 'splash' is a TPU kernel; these devices are 'cpu'"):
