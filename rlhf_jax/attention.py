@@ -8,12 +8,12 @@ block, splash skipping the blocks the causal or sliding-window mask rules out, i
 the backward), where the plain path keeps f32 scores and probabilities of a layer (and, without
 remat, of every layer) for the backward.
 
-Padding goes in as segment ids (0 for padding, 1 for real tokens): a real query attends to the real
+Splash takes padding as segment ids (0 for padding, 1 for real tokens): a real query attends to the real
 keys before it, exactly as the plain path; a padding query attends to the padding before it, where
 the plain path lets it attend to real keys. Nothing reads a padding position's output (it is a
 key or value nobody attends to, and its logits are masked), so the results agree where they are used.
 
-On a mesh the kernel runs under `shard_map`, each device on its own rows (the batch axes) and, where
+On a mesh the splash kernel runs under `shard_map`, each device on its own rows (the batch axes) and, where
 they divide, its own KV heads (the tensor axis). Pallas TPU kernels compile for TPU only; `interpret`
 runs the same kernel on any backend, slowly (for tests).
 """
