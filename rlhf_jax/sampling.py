@@ -135,7 +135,8 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
       decode_segments: the decode loop as this many loops, one after another, each attending to the
         KV cache only as far as its last step has written (the cache is static: one loop reads all
         `prompt_len + max_new_tokens` slots at every step, filled or not). 4 segments read about
-        0.6-0.8 of it; each segment compiles its own copy of the decode step. Same samples.
+        0.6-0.8 of it; each segment compiles its own copy of the decode step. Same samples. For TPU
+        slices: XLA:CPU copies each layer's cache to slice it, 3x slower there.
 
     Returns a dict:
       response_ids: int32[batch, max_new_tokens], pad after EOS;
