@@ -70,8 +70,8 @@ def spec_for(path: tuple, shape: tuple, mesh: Mesh) -> P:
         return P()
     if "layers" in names[:-1] and not names[names.index("layers") + 1].isdigit():
         # `scan_layers`' stack: the layer axis whole on every device, the rest as one layer's.
-        one_layer = tuple(path[:names.index("layers") + 1]) + (0,) + tuple(path[names.index("layers") + 1:])
-        return P(None, *spec_for(one_layer, shape[1:], mesh))
+        after = names.index("layers") + 1
+        return P(None, *spec_for(tuple(path[:after]) + (0,) + tuple(path[after:]), shape[1:], mesh))
     owner = next((n for n in reversed(names[:-1]) if n in _KERNEL_RULES), None)
     if leaf == "embed":
         return _fit(("tensor", "fsdp"), shape, mesh)

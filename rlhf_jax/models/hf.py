@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import CausalLM, ScalarModel
 from rlhf_jax.models.lora import merged_params
-from rlhf_jax.models.tree import per_layer, stack_layers, unflatten
+from rlhf_jax.models.tree import flatten, per_layer, stack_layers, unflatten
 from rlhf_jax.sharding import spec_for
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3_text")
@@ -294,11 +294,7 @@ def _transform_in(tensor: np.ndarray, how: str) -> np.ndarray:
 
 
 def _flat_params(state) -> dict[tuple, Any]:
-    flat = {}
-    pure = state if isinstance(state, dict) else nnx.to_pure_dict(state)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
-        flat[tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)] = leaf
-    return flat
+    return flatten(state if isinstance(state, dict) else nnx.to_pure_dict(state))
 
 
 def read_hf_config(path: str) -> dict:

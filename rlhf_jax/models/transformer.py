@@ -317,12 +317,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     dtype = dtype or cfg.compute_dtype
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     if cfg.scan_layers:
-        layers = jnp.zeros((cfg.num_layers,) + shape, dtype)
-        return {"k": layers, "v": layers, "key_mask": jnp.zeros((batch, max_len), bool),
-                "positions": jnp.zeros((batch,), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+        k = v = jnp.zeros((cfg.num_layers,) + shape, dtype)
+    else:
+        k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2))
     return {
-        "k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        "k": k,
+        "v": v,
         "key_mask": jnp.zeros((batch, max_len), bool),
         "positions": jnp.zeros((batch,), jnp.int32),
         "index": jnp.zeros((), jnp.int32),

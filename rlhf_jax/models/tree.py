@@ -35,19 +35,18 @@ def as_master(tree):
 
 
 def flatten(tree: dict) -> dict[tuple, Any]:
-    """{a: {b: {c: x}}} -> {(a, b, c): x} (the inverse of `unflatten`; leaves are whatever is not a dict)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update({(key,) + path: leaf for path, leaf in flatten(value).items()})
-        else:
-            flat[(key,)] = value
-    return flat
+    """{a: {b: {c: x}}} -> {(a, b, c): x} (the inverse of `unflatten`; None leaves are dropped)."""
+    return {tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _in_layers(path: tuple) -> bool:
+    return path[:2] == ("backbone", "layers") and len(path) > 2
 
 
 def _stacked(path: tuple) -> bool:
     """A path into `scan_layers`' stacked blocks: ("backbone", "layers", <not a layer number>, ...)."""
-    return path[:2] == ("backbone", "layers") and len(path) > 2 and not str(path[2]).isdigit()
+    return _in_layers(path) and not str(path[2]).isdigit()
 
 
 def per_layer(flat: dict[tuple, Any]) -> dict[tuple, Any]:
@@ -72,7 +71,7 @@ def stack_layers(flat: dict[tuple, Any], stack=None) -> dict[tuple, Any]:
     stack = stack or jnp.stack
     out, layers = {}, {}
     for path, value in flat.items():
-        if path[:2] == ("backbone", "layers") and len(path) > 2 and str(path[2]).isdigit():
+        if _in_layers(path) and not _stacked(path):
             layers.setdefault(path[:2] + path[3:], {})[int(path[2])] = value
         else:
             out[path] = value
