@@ -454,7 +454,11 @@ def hbm_bytes(inst: Instruction, comp: Computation, computations: dict[str, Comp
         taken = type_bytes(taken_type)
         return (taken if operand_hbm and operand_hbm[0] else 0.0) + type_bytes(taken_type, hbm_only=True)
     result = inst.hbm
-    if op.endswith("-start"):
+    if op == "copy-start":
+        # (destination, source, context): a prefetch into on-chip memory reads its operand from HBM
+        # and writes nothing there; the source element is the operand itself, not a second buffer.
+        result = type_bytes(_tuple_elements(inst.type)[0], hbm_only=True)
+    elif op.endswith("-start"):
         result = largest_array_bytes(inst.type, hbm_only=True)
     return sum(operand_hbm) + result
 

@@ -197,6 +197,24 @@ ENTRY %main (a: f32[32,4,128], x: f32[4,128]) -> f32[4,128] {
     assert hlo.program_costs(whole).hbm_bytes == 32 * layer + 2 * layer
 
 
+def test_a_prefetch_into_on_chip_memory_reads_once_and_an_eviction_writes_once():
+    """copy-start's result is (destination, source, context): a prefetch (destination in S(1))
+    moves its operand's bytes out of HBM once; an eviction writes its destination once."""
+    text = """HloModule m
+
+ENTRY %main (a: bf16[1024,512], b: bf16[256,512]) -> bf16[1024,512] {
+  %a = bf16[1024,512]{1,0} parameter(0)
+  %b = bf16[256,512]{1,0:S(1)} parameter(1)
+  %pre = (bf16[1024,512]{1,0:S(1)}, bf16[1024,512]{1,0}, u32[]{:S(2)}) copy-start(%a)
+  %pred = bf16[1024,512]{1,0:S(1)} copy-done(%pre)
+  %evict = (bf16[256,512]{1,0}, bf16[256,512]{1,0:S(1)}, u32[]{:S(2)}) copy-start(%b)
+  %evd = bf16[256,512]{1,0} copy-done(%evict)
+  ROOT %r = bf16[1024,512]{1,0:S(1)} negate(%pred)
+}
+"""
+    assert hlo.program_costs(text).hbm_bytes == 1024 * 512 * 2 + 256 * 512 * 2
+
+
 def test_attributes_over_several_lines_do_not_end_a_computation():
     """A Pallas kernel's custom call carries metadata over several lines, one starting with "}}":
     the matmul after it still counts."""
