@@ -80,9 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
     # shard_cache: split the KV cache by rows over the batch axes (False: XLA places it); shard_prefill:
     # also the prefill's activations, so that it gathers weights instead of reducing partial sums;
     # decode_segments: the decode loop in this many loops, each reading the KV cache only as far as it
-    # is filled by then (1: one loop reading every slot at every step)
+    # is filled by then (1: one loop reading every slot at every step); decode_layout: "batch" (the
+    # weights where the update keeps them, the cache split by rows), "tensor" (a tensor-parallel copy
+    # of the weights for the decode loop, the cache split by KV heads; needs shard_cache) or "auto"
+    # ("tensor" on more than one model device where the heads split evenly), see
+    # rlhf_jax.sampling.generate
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
-                                                shard_cache=True, shard_prefill=True, decode_segments=1))
+                                                shard_cache=True, shard_prefill=True, decode_segments=1,
+                                                decode_layout="auto"))
 
     c.ppo = ml_collections.ConfigDict(dict(
         kl_coef=0.05, kl_estimator="k1", kl_in_loss=False, kl_loss_estimator="k3",
@@ -195,6 +200,9 @@ def validate(config, num_devices: int = 1) -> None:
                           "hidden_size / num_heads")
     _positive(config, "model.logits_chunk", allow_zero=True)
     _positive(config, "sampling.decode_segments")
+    _choice(config, "sampling.decode_layout", ("auto", "batch", "tensor"))
+    if config.sampling.decode_layout == "tensor" and not config.sampling.shard_cache:
+        raise ConfigError("config.sampling.decode_layout = 'tensor' needs config.sampling.shard_cache = True")
     if config.model.logits_chunk and config.sampling.max_new_tokens % config.model.logits_chunk:
         raise ConfigError(f"config.model.logits_chunk = {config.model.logits_chunk} does not divide "
                           f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens}")
@@ -314,6 +322,16 @@ def validate_attention(config, platform: str) -> None:
     if total % 128 or total % min(512, total):
         raise ConfigError(f"config.model.attention = 'splash' needs config.data.max_prompt_len + "
                           f"config.sampling.max_new_tokens = {total} to be a multiple of 128 (and of 512 above 512)")
+
+
+def validate_decode_layout(config, model_config, mesh) -> None:
+    """`sampling.decode_layout = "tensor"` needs the heads and the rollout's rows to split evenly."""
+    if config.sampling.decode_layout != "tensor":
+        return
+    from rlhf_jax.sampling import tensor_decode_problem
+    problem = tensor_decode_problem(model_config, mesh, config.train.rollout_batch_size)
+    if problem:
+        raise ConfigError(f"config.sampling.decode_layout = 'tensor': {problem} (use 'auto' or 'batch')")
 
 
 def uses_value(config) -> bool:

@@ -150,7 +150,7 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
     if unknown or not only:
         raise PlanError(f"--only={','.join(only)}: name rollout and/or update")
     from rlhf_jax.aot import abstract_iteration
-    from rlhf_jax.config import validate, validate_attention, validate_lengths
+    from rlhf_jax.config import validate, validate_attention, validate_decode_layout, validate_lengths
     from rlhf_jax.sharding import make_mesh
 
     from rlhf_jax.roofline import CHIPS, measure_local_chip
@@ -170,6 +170,7 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
     validate_attention(config, mesh.devices.flat[0].platform)
     model_cfg = _model_config(config)
     validate_lengths(config, model_cfg.max_position_embeddings)
+    validate_decode_layout(config, model_cfg, mesh)
     # No EOS: every row decodes to max_new_tokens, the length the estimate counts.
     step = abstract_iteration(config, model_cfg, mesh, eos_ids=())
     _, rollout, scores, _, _ = step.update_args

@@ -98,7 +98,8 @@ def make_rollout(config, *, policy_graphdef, reward_graphdef=None, eos_ids: Sequ
                       eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                       transposed_kernels=None if mesh is None else mesh.devices.flat[0].platform == "cpu",
                       batch_mesh=mesh if s.shard_cache else None, shard_prefill=s.shard_prefill,
-                      decode_segments=s.decode_segments)
+                      decode_segments=s.decode_segments,
+                      decode_layout=s.decode_layout if mesh is not None else "batch")
     with_values = config.algorithm == "ppo" and config.model.value_model == "shared"
 
     def rollout(policy_params, prompt_ids, prompt_mask, key, reward_params=None):

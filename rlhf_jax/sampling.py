@@ -10,6 +10,7 @@ loop, so a call is a pure function of its key. Nothing synchronises with the hos
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -18,9 +19,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax.models.heads import last_token_index
-from rlhf_jax.models.transformer import init_cache, transpose_kernels
+from rlhf_jax.models.transformer import MLP, Attention, init_cache, transpose_kernels
 from rlhf_jax.ops import token_logprobs
-from rlhf_jax.sharding import BATCH_AXES, batch_constraint
+from rlhf_jax.sharding import BATCH_AXES, MODEL_AXES, batch_constraint, decode_mesh, decode_param_shardings
+
+DECODE_LAYOUTS = ("auto", "batch", "tensor")
 
 _NEG_INF = -jnp.inf
 
@@ -100,15 +103,82 @@ def _pin_rows(mesh, cache):
     return {name: pin(name, value) for name, value in cache.items()}
 
 
+def _pin_heads(mesh, cache):
+    """The KV cache on a `decode_mesh`: its rows over the batch axes, its KV heads over "tensor"."""
+    def pin(name, value):
+        if name == "index":
+            return value
+        if name in ("k", "v"):
+            stacked = not isinstance(value, tuple)
+            spec = P(*([None] if stacked else []), BATCH_AXES, "tensor", None, None)
+            return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)), value)
+        return batch_constraint(mesh)(value)
+
+    return {name: pin(name, value) for name, value in cache.items()}
+
+
+def _as_computed(path, leaf, dtype):
+    """A parameter in the dtype its use casts it to (projections and embedding tables: the compute
+    dtype; norms compute in float32 and keep theirs), so that the decoder's copy is no larger than needed."""
+    keys = [str(getattr(k, "key", k)) for k in path]
+    cast = keys[-1] in ("kernel", "lora_a", "lora_b", "embed", "pos_embed") or (
+        keys[-1] == "bias" and "norm" not in keys[-2])
+    return leaf.astype(dtype) if cast and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+
+def tensor_decode_problem(cfg, mesh, batch: int) -> str | None:
+    """Why the tensor-parallel decode layout does not fit `mesh` (None when it does): the query heads
+    and the MLP's hidden units must split evenly over the model devices, the rows over the rest."""
+    model = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    rows = mesh.shape["data"] * model // math.gcd(cfg.num_kv_heads, model)
+    if cfg.num_heads % model:
+        return f"{cfg.num_heads} query heads do not split over {model} model devices (fsdp x tensor)"
+    if cfg.intermediate_size % model:
+        return f"intermediate_size {cfg.intermediate_size} does not split over {model} model devices"
+    if batch % rows:
+        return f"{batch} rows do not split over {rows} (data x the devices beyond one per KV head)"
+    return None
+
+
+def _tensor_parallel_decoder(graphdef, params, batch_mesh):
+    """The decode loop's model on `decode_mesh(batch_mesh)`, its weights copied tensor parallel, and
+    how the loop pins its cache, the residual stream (whole on every model device) and the logits."""
+    cfg = nnx.merge(graphdef, params).cfg
+    mesh = decode_mesh(batch_mesh, cfg.num_kv_heads)
+    model = nnx.merge(graphdef, tensor_parallel_copy(params, mesh, cfg))
+    pin_to = lambda spec: functools.partial(jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, spec))
+    # Pinned at every step: left to XLA, the rows of the sampled tokens or of the cache split the
+    # activations, and every layer's weights were gathered to match.
+    by_unit = pin_to(P("data", None, MODEL_AXES))  # each device's heads or hidden units, every row
+    by_head = pin_to(P(BATCH_AXES, None, "tensor"))  # as the KV cache: its rows, its KV heads
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Attention):
+            module.fuse_qkv = False
+            module.constrain_heads = lambda y: by_head(by_unit(y))
+            module.constrain_output = by_unit
+        elif isinstance(module, MLP):
+            module.constrain_hidden = by_unit
+    return (model, functools.partial(_pin_heads, mesh), pin_to(P("data")),
+            NamedSharding(mesh, P(None, MODEL_AXES)))
+
+
+def tensor_parallel_copy(params, mesh, cfg):
+    """The decoder's copy of `params` on `decode_mesh(mesh, ...)`, tensor parallel (see
+    `rlhf_jax.sharding.decode_param_shardings`), in the compute dtype where that is what a use reads."""
+    params = jax.tree_util.tree_map_with_path(lambda p, x: _as_computed(p, x, cfg.compute_dtype), params)
+    return jax.lax.with_sharding_constraint(params, decode_param_shardings(params, mesh))
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
-                     "with_values", "transposed_kernels", "batch_mesh", "shard_prefill", "decode_segments"))
+                     "with_values", "transposed_kernels", "batch_mesh", "shard_prefill", "decode_segments",
+                     "decode_layout"))
 def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, with_values: bool = False,
              transposed_kernels: bool | None = None, batch_mesh=None, shard_prefill: bool = False,
-             decode_segments: int = 1):
+             decode_segments: int = 1, decode_layout: str = "batch"):
     """Sample `max_new_tokens` continuations of a batch of prompts.
 
     Args:
@@ -137,6 +207,14 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         `prompt_len + max_new_tokens` slots at every step, filled or not). 4 segments read about
         0.6-0.8 of it; each segment compiles its own copy of the decode step. Same samples. For TPU
         slices: XLA:CPU copies each layer's cache to slice it, 3x slower there.
+      decode_layout: with `batch_mesh`, how the decode loop is laid out. "batch": the weights as
+        given and the KV cache split by rows; XLA reduces each projection's partial sums (on 16
+        chips, an 8B model all-reduces about 155 MiB per token). "tensor": tensor parallel over
+        the mesh's fsdp x tensor devices, on a copy of the weights made once (`decode_mesh`,
+        `tensor_parallel_copy`): a block reduces [batch, hidden] twice (38 MiB per token for the
+        8B), and the KV cache is split by heads (and by rows where the devices outnumber the KV
+        heads). "auto": "tensor" on more than one model device where it fits
+        (`tensor_decode_problem`), else "batch". Same samples.
 
     Returns a dict:
       response_ids: int32[batch, max_new_tokens], pad after EOS;
@@ -147,9 +225,19 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
       values: f32[batch, max_new_tokens] (only with `with_values`).
     """
     eos_ids = tuple(eos_ids)
+    if decode_layout not in DECODE_LAYOUTS:
+        raise ValueError(f"decode_layout must be one of {DECODE_LAYOUTS}, got {decode_layout!r}")
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_ids.shape
     cfg = model.cfg
+    if decode_layout != "batch" and batch_mesh is not None:
+        problem = tensor_decode_problem(cfg, batch_mesh, batch)
+        if decode_layout == "tensor" and problem:
+            raise ValueError(f'decode_layout="tensor": {problem}')
+        single = batch_mesh.shape["fsdp"] * batch_mesh.shape["tensor"] == 1
+        decode_layout = "batch" if problem or single else "tensor"
+    elif decode_layout == "tensor":
+        raise ValueError('decode_layout="tensor" needs a batch_mesh')
     if prompt_len + max_new_tokens > cfg.max_position_embeddings and cfg.family == "gpt2":
         raise ValueError(
             f"prompt_len + max_new_tokens = {prompt_len + max_new_tokens} exceeds the model's "
@@ -163,6 +251,13 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
                                    output_index=last_token_index(prompt_mask)[:, None], constrain=constrain,
                                    fresh_cache=True)
     hidden = hidden[:, 0]
+    if decode_layout == "tensor":
+        model, pin, residual, by_vocab = _tensor_parallel_decoder(graphdef, params, batch_mesh)
+        cache = pin(cache)
+    else:
+        residual = None
+        if batch_mesh is not None:
+            by_vocab = NamedSharding(batch_mesh, P(None, BATCH_AXES))
     if transposed_kernels if transposed_kernels is not None else jax.default_backend() == "cpu":
         transpose_kernels(model)
 
@@ -176,9 +271,12 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     if batch_mesh is None:
         logits_of = model.logits
     else:
-        by_vocab = NamedSharding(batch_mesh, P(None, BATCH_AXES))
         rows = batch_constraint(batch_mesh)
-        logits_of = lambda h: rows(jax.lax.with_sharding_constraint(model.logits(h), by_vocab))
+        to_rows = lambda logits: rows(jax.lax.with_sharding_constraint(logits, by_vocab))
+        if residual is None:
+            logits_of = lambda h: to_rows(model.logits(h))
+        else:  # one matmul against each device's slice of the head, and the logits exchanged in bf16
+            logits_of = lambda h: model.logits(residual(h), constrain=to_rows)
 
     def emit(step, hidden, done, buffers):
         token, logprob = sample_token(logits_of(hidden), uniforms[step], temperature, top_k, top_p)
@@ -214,7 +312,7 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         def body(carry):
             step, token, live, done, cache, buffers = carry
             hidden, cache = model.backbone(token[:, None], live[:, None].astype(jnp.int32), pin(cache),
-                                           kv_len=kv_len)
+                                           kv_len=kv_len, constrain=residual)
             token, live, done, buffers = emit(step, hidden[:, 0], done, buffers)
             return step + 1, token, live, done, pin(cache), buffers
 

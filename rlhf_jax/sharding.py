@@ -22,6 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# The decoder's model-parallel axes of `decode_mesh`, "tensor" major: a device's slice of the query
+# heads then belongs to the KV head it holds.
+MODEL_AXES = ("tensor", "fsdp")
 
 # (path suffix, spec of the kernel's axes); the input axis of a projection into the residual
 # stream is "tensor" (heads / hidden units), its output axis "fsdp", and the reverse going out.
@@ -33,6 +36,17 @@ _KERNEL_RULES = {
     "gate_proj": ("fsdp", "tensor"), "up_proj": ("fsdp", "tensor"),
     "o_proj": ("tensor", "fsdp"), "down_proj": ("tensor", "fsdp"),
     "lm_head": ("tensor", "fsdp"), "value_head": ("fsdp", None), "score": ("fsdp", None),
+}
+
+
+# Tensor parallelism for decoding (`decode_param_shardings`): every matmul's weights stay where they
+# are, and a block reduces only [batch, hidden] partial sums, once after attention and once after
+# the MLP. Both vocabulary tables split by vocabulary.
+_DECODE_RULES = {
+    "q_proj": (None, MODEL_AXES), "k_proj": (None, MODEL_AXES), "v_proj": (None, MODEL_AXES),
+    "gate_proj": (None, MODEL_AXES), "up_proj": (None, MODEL_AXES),
+    "o_proj": (MODEL_AXES, None), "down_proj": (MODEL_AXES, None),
+    "lm_head": (None, MODEL_AXES), "value_head": (None, None), "score": (None, None),
 }
 
 
@@ -54,16 +68,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+def _axis_size(mesh: Mesh, axis) -> int:
+    return math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
+
+
 def _fit(spec, shape, mesh: Mesh) -> P:
     """Drop mesh axes that do not divide their dimension."""
     fitted = []
     for axis, dim in zip(spec, shape):
-        fitted.append(axis if axis is not None and dim % mesh.shape[axis] == 0 else None)
+        fitted.append(axis if axis is not None and dim % _axis_size(mesh, axis) == 0 else None)
     return P(*fitted)
 
 
-def spec_for(path: tuple, shape: tuple, mesh: Mesh) -> P:
-    """The PartitionSpec of one parameter, from its path in the params tree."""
+def spec_for(path: tuple, shape: tuple, mesh: Mesh, decode: bool = False) -> P:
+    """The PartitionSpec of one parameter, from its path in the params tree (`decode`: on a
+    `decode_mesh`, tensor parallel over all its model devices)."""
     names = [str(p) for p in path]
     leaf = names[-1]
     if len(shape) == 0:
@@ -71,14 +90,15 @@ def spec_for(path: tuple, shape: tuple, mesh: Mesh) -> P:
     if "layers" in names[:-1] and not names[names.index("layers") + 1].isdigit():
         # `scan_layers`' stack: the layer axis whole on every device, the rest as one layer's.
         after = names.index("layers") + 1
-        return P(None, *spec_for(tuple(path[:after]) + (0,) + tuple(path[after:]), shape[1:], mesh))
-    owner = next((n for n in reversed(names[:-1]) if n in _KERNEL_RULES), None)
+        return P(None, *spec_for(tuple(path[:after]) + (0,) + tuple(path[after:]), shape[1:], mesh, decode))
+    rules = _DECODE_RULES if decode else _KERNEL_RULES
+    owner = next((n for n in reversed(names[:-1]) if n in rules), None)
     if leaf == "embed":
-        return _fit(("tensor", "fsdp"), shape, mesh)
+        return _fit((MODEL_AXES, None) if decode else ("tensor", "fsdp"), shape, mesh)
     if leaf == "pos_embed":
-        return _fit((None, "fsdp"), shape, mesh)
+        return _fit((None, None) if decode else (None, "fsdp"), shape, mesh)
     if owner is not None:
-        rule = _KERNEL_RULES[owner]
+        rule = rules[owner]
         if leaf == "kernel":
             return _fit(rule, shape, mesh)
         if leaf == "bias":
@@ -101,6 +121,23 @@ def param_shardings(params, mesh: Mesh):
     """A NamedSharding for every leaf of a params tree (an nnx.State or a dict of them)."""
     def one(path, leaf):
         return NamedSharding(mesh, spec_for(path_keys(path), np.shape(leaf), mesh))
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def decode_mesh(mesh: Mesh, num_kv_heads: int) -> Mesh:
+    """`mesh`'s devices as the decoder lays them out: its data axis, then its fsdp x tensor devices as
+    "tensor" = as many as divide the KV heads (each device holds whole heads of the KV cache) and
+    "fsdp" = the rest, which split the cache's rows (8 KV heads on 16 devices: 8 x 2)."""
+    model = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    tensor = math.gcd(num_kv_heads, model)
+    grid = mesh.devices.reshape(mesh.shape["data"], model // tensor, tensor)
+    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def decode_param_shardings(params, mesh: Mesh):
+    """Tensor-parallel shardings on a `decode_mesh` for every leaf of a params tree."""
+    def one(path, leaf):
+        return NamedSharding(mesh, spec_for(path_keys(path), np.shape(leaf), mesh, decode=True))
     return jax.tree_util.tree_map_with_path(one, params)
 
 

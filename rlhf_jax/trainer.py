@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.config import ConfigError, uses_value, validate, validate_attention, validate_lengths
+from rlhf_jax.config import (ConfigError, uses_value, validate, validate_attention, validate_decode_layout,
+                             validate_lengths)
 from rlhf_jax.data import PromptIterator
 from rlhf_jax.loading import check_folders, load_callable, load_models, load_prompts, load_tokenizer
 from rlhf_jax.models.lora import save_adapters
@@ -66,6 +67,7 @@ class PPOTrainer:
 
         models = load_models(config, self.mesh, len(self.tokenizer))
         validate_lengths(config, models.policy_config.max_position_embeddings)
+        validate_decode_layout(config, models.policy_config, self.mesh)
         self.policy_graphdef, self.ref_graphdef = models.policy_graphdef, models.ref_graphdef
         self.value_graphdef, self.rm_graphdef = models.value_graphdef, models.reward_graphdef
         self.frozen, self.ref_params, self.rm_params = models.frozen, models.ref_params, models.reward_params

@@ -15,7 +15,8 @@ from rlhf_jax import ppo
 from rlhf_jax.advantages import masked_whiten
 from rlhf_jax.models import CausalLM, ModelConfig, gpt2_config
 from rlhf_jax.sampling import generate
-from rlhf_jax.sharding import batch_sharding, bytes_per_device, make_mesh, param_shardings, shard_like
+from rlhf_jax.sharding import (batch_sharding, bytes_per_device, decode_mesh, make_mesh, param_shardings,
+                               shard_like)
 from rlhf_jax.trainer import PPOTrainer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -109,6 +110,41 @@ def test_generate_on_a_sharded_batch_equals_unsharded(family, layout, mesh_shape
     np.testing.assert_allclose(np.asarray(plain["logprobs"]), np.asarray(sharded["logprobs"]), atol=1e-5)
 
 
+@pytest.mark.parametrize("family,mesh_shape,scan", [("llama", (2, 2, 2), True), ("gemma3", (1, 8, 1), False)])
+def test_tensor_parallel_decoding_samples_what_one_device_does(family, mesh_shape, scan):
+    """The decode loop on a tensor-parallel copy of the weights, the KV cache split by heads and rows
+    (2 KV heads: a (data, 4, 2) or (2, 1, 2) decode mesh): the samples, log-probs and values of one
+    device. Llama with LoRA adapters, a NoPE layer and untied head; Gemma 3 with sliding layers, a
+    soft-capped tied head."""
+    if family == "llama":
+        cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=3, num_heads=8, num_kv_heads=2,
+                          head_dim=8, intermediate_size=64, max_position_embeddings=64, qk_norm=True,
+                          nope_layers=(1,), tie_word_embeddings=False, lora_rank=4,
+                          lora_targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+    else:
+        cfg = ModelConfig(family="gemma3", vocab_size=64, hidden_size=32, num_layers=3, num_heads=8, num_kv_heads=2,
+                          head_dim=8, intermediate_size=64, max_position_embeddings=64, qk_norm=True,
+                          sliding_window=3, sliding_layers=(0, 2), rope_local_theta=100.0, final_softcap=5.0)
+    graphdef, params = nnx.split(CausalLM(cfg.replace(scan_layers=scan), rngs=nnx.Rngs(0), value_head=True))
+    # The value head and the adapters' B start at zero: perturbed, so that they count.
+    noise = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(params))))
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(noise), x.shape, x.dtype), params)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(2, 64, (16, 5)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[::3, :2] = 0
+    kw = dict(max_new_tokens=6, temperature=1.0, eos_ids=(1,), pad_id=0, with_values=True)
+    plain = generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(3), **kw)
+    mesh = make_mesh(*mesh_shape)
+    assert dict(decode_mesh(mesh, 2).shape) == {"data": mesh_shape[0], "fsdp": 8 // mesh_shape[0] // 2, "tensor": 2}
+    put = lambda x: jax.device_put(x, batch_sharding(mesh))
+    sharded = generate(graphdef, shard_like(params, param_shardings(params, mesh)), put(ids), put(mask),
+                       jax.random.PRNGKey(3), batch_mesh=mesh, shard_prefill=True, decode_layout="tensor", **kw)
+    np.testing.assert_array_equal(np.asarray(plain["response_ids"]), np.asarray(sharded["response_ids"]))
+    for name in ("logprobs", "values"):
+        np.testing.assert_allclose(np.asarray(plain[name]), np.asarray(sharded[name]), atol=1e-5)
+
+
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     from rlhf_jax.train import train
     config = mesh_config(8, 1, 1)
@@ -197,6 +233,9 @@ def test_bf16_step0_kl_and_ratios_are_exact_on_a_2x4_mesh(tmp_path):
     config = mesh_config(2, 4)
     config.model.update(dtype="bfloat16", param_dtype="bfloat16")
     config.model.builtin.family = "llama"
+    # The batch decode layout's bf16 log-probs differ from the scoring pass's (the tensor layout's
+    # happened to agree here), which is what shows that the ratios come from the scoring pass.
+    config.sampling.decode_layout = "batch"
     trainer = PPOTrainer(config, str(tmp_path))
     trainer.optimizer = optax.set_to_zero()
     trainer.update_fn = make_ppo_update(config, policy_graphdef=trainer.policy_graphdef,

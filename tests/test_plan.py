@@ -54,11 +54,22 @@ def test_plan_reports_what_does_not_fit_on_a_tpu_slice():
     (["--config.model.remat=some"], "config.model.remat = 'some'"),
     (["--config.sampling.decode_segments=0"], "config.sampling.decode_segments = 0"),
     (["--config.model.attention=splash"], "config.model.attention = 'splash' is a TPU kernel"),
+    (["--config.sampling.decode_layout=tensor", "--config.sampling.shard_cache=False"],
+     "config.sampling.decode_layout = 'tensor' needs config.sampling.shard_cache = True"),
 ])
 def test_plan_bad_arguments_are_one_line(args, message):
     result = _plan("--config=configs/tiny.py", *args)
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plan_refuses_a_tensor_decode_layout_the_heads_do_not_fit_in_one_line():
+    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]'): no compile-only TPU")
+    result = _plan("--config=configs/tiny.py", "--topology=v5e:2x4", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                   "--config.sampling.decode_layout=tensor")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "config.sampling.decode_layout = 'tensor': 4 query heads do not split over 8" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_plan_names_an_unsupported_model_folder_in_one_line(tmp_path):

@@ -185,3 +185,28 @@ def test_decode_segments_sample_what_one_loop_samples(model, prompts, segments=3
         np.testing.assert_allclose(one[key], split[key], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="decode_segments must be >= 1"):
         run(model, prompts, decode_segments=0)
+
+
+class _Mesh:
+    def __init__(self, data, fsdp, tensor):
+        self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def test_tensor_decode_problem_names_what_does_not_split():
+    from rlhf_jax.models import ModelConfig
+    from rlhf_jax.sampling import tensor_decode_problem
+    llama = ModelConfig(family="llama", vocab_size=64, hidden_size=64, num_layers=1, num_heads=32, num_kv_heads=8,
+                        head_dim=2, intermediate_size=14336, max_position_embeddings=64)
+    assert tensor_decode_problem(llama, _Mesh(1, 16, 1), 64) is None  # 8 KV heads x 2 row groups
+    assert "32 query heads" in tensor_decode_problem(llama, _Mesh(1, 64, 1), 64)
+    assert "intermediate_size 14336" in tensor_decode_problem(llama.replace(num_heads=48), _Mesh(1, 3, 1), 64)
+    # 16 model devices for 8 KV heads leave 2 row groups per data replica: 4 x 2 = 8 groups
+    assert "60 rows" in tensor_decode_problem(llama, _Mesh(4, 16, 1), 60)
+    assert tensor_decode_problem(llama, _Mesh(4, 16, 1), 64) is None
+
+
+def test_tensor_layout_without_a_mesh_is_refused(model, prompts):
+    with pytest.raises(ValueError, match='decode_layout="tensor" needs a batch_mesh'):
+        run(model, prompts, decode_layout="tensor")
+    with pytest.raises(ValueError, match="decode_layout must be one of"):
+        run(model, prompts, decode_layout="rows")

@@ -39,14 +39,18 @@ class CausalLM(nnx.Module):
             if value_head else None
         )
 
-    def logits(self, hidden):
-        """hidden: f[..., d] -> f32 logits [..., vocab] (soft-capped where the config says so)."""
+    def logits(self, hidden, constrain=None):
+        """hidden: f[..., d] -> f32 logits [..., vocab] (soft-capped where the config says so).
+        `constrain` is applied to them in the compute dtype, before the cast (a sharding
+        constraint then moves half the bytes of float32 ones)."""
         if self.lm_head is None:
             embed = self.backbone.embed[...].astype(hidden.dtype)
-            logits = matmul(hidden, embed.T).astype(jnp.float32)
+            logits = matmul(hidden, embed.T)
         else:
-            logits = self.lm_head(hidden).astype(jnp.float32)
-        return softcap(logits, self.cfg.final_softcap)
+            logits = self.lm_head(hidden)
+        if constrain is not None:
+            logits = constrain(logits)
+        return softcap(logits.astype(jnp.float32), self.cfg.final_softcap)
 
     def values(self, hidden):
         """hidden: f[..., d] -> f32 values [...]."""

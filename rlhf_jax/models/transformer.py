@@ -176,6 +176,12 @@ class Attention(nnx.Module):
         self.q_norm = Norm(hd, cfg) if cfg.qk_norm else None
         self.k_norm = Norm(hd, cfg) if cfg.qk_norm else None
         self.qkv_kernel_t = None  # the fused q/k/v kernel as (out, in), set by `transpose_kernels`
+        # A tensor-parallel decoder (`rlhf_jax.sampling`) sets these: three matmuls, not one (its kernels
+        # are split by heads, and their concatenation would be resharded at every step), and sharding
+        # constraints for the projections q, k, v and for the attention's output [b, s, heads x head_dim],
+        # which XLA otherwise split by rows, gathering the weights to match.
+        self.fuse_qkv = True
+        self.constrain_heads = self.constrain_output = None
 
     def qkv_kernel(self):
         """The q, k and v kernels side by side: [d, (heads + 2 kv_heads) x head_dim]."""
@@ -186,6 +192,8 @@ class Attention(nnx.Module):
         """The three projections as one matmul: on CPU, one [d, 3d] dot costs about what one [d, d]
         dot does at decoding's small batch sizes."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
+        if not self.fuse_qkv:
+            return [p(x) for p in projections]
         dtype = self.cfg.compute_dtype
         if self.qkv_kernel_t is None:
             y = matmul(x.astype(dtype), self.qkv_kernel())
@@ -206,6 +214,8 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, s, _ = x.shape
         q, k, v = self._qkv(x)
+        if self.constrain_heads is not None:
+            q, k, v = (self.constrain_heads(y) for y in (q, k, v))
         q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
@@ -242,6 +252,8 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgst,bktd->bskgd", probs, v).reshape(b, s, cfg.num_heads * cfg.head_dim)
+        if self.constrain_output is not None:
+            out = self.constrain_output(out)
         return self.o_proj(out.astype(cfg.compute_dtype)), new_cache
 
 
@@ -276,11 +288,13 @@ class MLP(nnx.Module):
             self.gate_proj = Dense(d, i, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, name="gate_proj")
         self.up_proj = Dense(d, i, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, name="up_proj")
         self.down_proj = Dense(i, d, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, name="down_proj")
+        self.constrain_hidden = None  # as Attention.constrain_heads, for [b, s, intermediate]
 
     def __call__(self, x):
+        pin = self.constrain_hidden or (lambda y: y)
         if self.gated:
-            return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.activation(self.up_proj(x)))
+            return self.down_proj(pin(self.activation(pin(self.gate_proj(x))) * pin(self.up_proj(x))))
+        return self.down_proj(pin(self.activation(pin(self.up_proj(x)))))
 
 
 class Block(nnx.Module):
@@ -340,7 +354,7 @@ def transpose_kernels(model) -> None:
     for _, module in nnx.iter_modules(model):
         if isinstance(module, Dense):
             module.kernel_t = nnx.data(jnp.swapaxes(module.kernel[...].astype(module.dtype), -1, -2))
-        elif isinstance(module, Attention):
+        elif isinstance(module, Attention) and module.fuse_qkv:
             module.qkv_kernel_t = nnx.data(jnp.swapaxes(module.qkv_kernel(), -1, -2))
 
 
