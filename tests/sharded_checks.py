@@ -47,10 +47,12 @@ def single_device(tmp_path_factory):
 
 
 # Pure data parallelism against one device: test_grpo_groups_on_a_data8_mesh_match_one_device.
-@pytest.mark.parametrize("shape", [(2, 4, 1), (2, 1, 4)])
-def test_ppo_iteration_matches_single_device(single_device, tmp_path, shape):
+@pytest.mark.parametrize("shape,decode_layout", [((2, 4, 1), "auto"), ((2, 1, 4), "tensor")])
+def test_ppo_iteration_matches_single_device(single_device, tmp_path, shape, decode_layout):
     _, reference, ref_metrics = single_device
-    trainer, state, metrics = one_iteration(mesh_config(*shape), tmp_path)
+    config = mesh_config(*shape)
+    config.sampling.decode_layout = decode_layout
+    trainer, state, metrics = one_iteration(config, tmp_path)
     assert trainer.mesh.devices.size == 8
     # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise can move a step by up to
     # the learning rate. So: almost every element within 1e-5, none beyond a few Adam steps.

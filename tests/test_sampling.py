@@ -210,3 +210,13 @@ def test_tensor_layout_without_a_mesh_is_refused(model, prompts):
         run(model, prompts, decode_layout="tensor")
     with pytest.raises(ValueError, match="decode_layout must be one of"):
         run(model, prompts, decode_layout="rows")
+
+
+def test_auto_decode_layout_copies_weights_only_where_a_cast_copy_exists_anyway(model):
+    """"auto" goes tensor parallel where the projections are stored wider than they compute (the
+    decoder reads a cast copy in either layout); a bf16-stored model would pay for a second copy."""
+    from rlhf_jax.sampling import _stored_wider
+    _, params = nnx.split(model)
+    assert _stored_wider(params, jnp.bfloat16)
+    assert not _stored_wider(params, jnp.float32)
+    assert not _stored_wider(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), jnp.bfloat16)
