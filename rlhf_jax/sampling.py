@@ -263,19 +263,21 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     pin = (lambda tree: tree) if batch_mesh is None else functools.partial(_pin_rows, batch_mesh)
+    residual, decoder = None, model
+    if decode_layout == "tensor":
+        # The cache is laid out by heads from the start, and the prefill writes its prompt there:
+        # written by rows and then resharded whole, both copies were alive at once (the NeMo-sized
+        # rollout then needed 98 GiB per v5p chip, against 94).
+        decoder, pin, residual, by_vocab = _tensor_parallel_decoder(graphdef, params, batch_mesh)
+    elif batch_mesh is not None:
+        by_vocab = NamedSharding(batch_mesh, P(None, BATCH_AXES))
     cache = pin(init_cache(cfg, batch, prompt_len + max_new_tokens))
     constrain = batch_constraint(batch_mesh) if batch_mesh is not None and shard_prefill else None
     hidden, cache = model.backbone(prompt_ids, prompt_mask, cache,
                                    output_index=last_token_index(prompt_mask)[:, None], constrain=constrain,
                                    fresh_cache=True)
     hidden = hidden[:, 0]
-    if decode_layout == "tensor":
-        model, pin, residual, by_vocab = _tensor_parallel_decoder(graphdef, params, batch_mesh)
-        cache = pin(cache)
-    else:
-        residual = None
-        if batch_mesh is not None:
-            by_vocab = NamedSharding(batch_mesh, P(None, BATCH_AXES))
+    model = decoder
     if transposed_kernels if transposed_kernels is not None else jax.default_backend() == "cpu":
         transpose_kernels(model)
 
