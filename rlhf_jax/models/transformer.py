@@ -179,9 +179,10 @@ class Attention(nnx.Module):
         # A tensor-parallel decoder (`rlhf_jax.sampling`) sets these: three matmuls, not one (its kernels
         # are split by heads, and their concatenation would be resharded at every step), and sharding
         # constraints for the projections q, k, v and for the attention's output [b, s, heads x head_dim],
-        # which XLA otherwise split by rows, gathering the weights to match.
+        # which XLA otherwise split by rows, gathering the weights to match; and, on its prefill, for
+        # the keys and values [b, kv, s, d] as they are written to a cache laid out by heads.
         self.fuse_qkv = True
-        self.constrain_heads = self.constrain_output = None
+        self.constrain_heads = self.constrain_output = self.constrain_cached = None
 
     def qkv_kernel(self):
         """The q, k and v kernels side by side: [d, (heads + 2 kv_heads) x head_dim]."""
@@ -235,7 +236,8 @@ class Attention(nnx.Module):
         if kv_cache is not None:
             keys = allowed.shape[-1]  # the cache's first `keys` slots (see Transformer's kv_len)
             own = keys == k.shape[2]  # a fresh cache's prefill: this call's own keys only
-            new_cache, seen = _write_cache(kv_cache, k, v, cache_index, None if own else keys)
+            written = (k, v) if self.constrain_cached is None else map(self.constrain_cached, (k, v))
+            new_cache, seen = _write_cache(kv_cache, *written, cache_index, None if own else keys)
             if not own:
                 k, v = seen
         else:
