@@ -30,12 +30,18 @@ from rlhf_jax.sharding import BATCH_AXES
 BLOCK = 512  # query and key tile of the kernel, forward and backward (MaxText's default for v5e)
 
 
-def _block(seq_len: int) -> int:
+def tile_problem(seq_len: int) -> str | None:
+    """What `seq_len` must be for the kernel's tiles (None when it is): a multiple of 128 and of the tile."""
     block = min(BLOCK, seq_len)
-    if seq_len % 128 or seq_len % block:
+    return f"a multiple of 128 and of the tile size {block}" if seq_len % 128 or seq_len % block else None
+
+
+def _block(seq_len: int) -> int:
+    problem = tile_problem(seq_len)
+    if problem:
         raise ValueError(f"splash attention needs the sequence length ({seq_len}: prompt + response tokens) "
-                         f"to be a multiple of 128 and of the tile size {block}")
-    return block
+                         f"to be {problem}")
+    return min(BLOCK, seq_len)
 
 
 def _kernel(seq_len: int, groups: int, window: int, interpret: bool):

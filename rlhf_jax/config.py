@@ -318,10 +318,12 @@ def validate_attention(config, platform: str) -> None:
     if platform != "tpu":
         raise ConfigError(f"config.model.attention = 'splash' is a TPU kernel; these devices are {platform!r} "
                           "(use 'xla')")
+    from rlhf_jax.attention import tile_problem
     total = config.data.max_prompt_len + config.sampling.max_new_tokens
-    if total % 128 or total % min(512, total):
+    problem = tile_problem(total)
+    if problem:
         raise ConfigError(f"config.model.attention = 'splash' needs config.data.max_prompt_len + "
-                          f"config.sampling.max_new_tokens = {total} to be a multiple of 128 (and of 512 above 512)")
+                          f"config.sampling.max_new_tokens = {total} to be {problem}")
 
 
 def validate_decode_layout(config, model_config, mesh) -> None:
