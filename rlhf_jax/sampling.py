@@ -21,8 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rlhf_jax.models.heads import last_token_index
 from rlhf_jax.models.transformer import MLP, Attention, init_cache, transpose_kernels
 from rlhf_jax.ops import token_logprobs
-from rlhf_jax.sharding import (BATCH_AXES, MODEL_AXES, batch_constraint, decode_mesh, decode_param_shardings,
-                               path_keys)
+from rlhf_jax.sharding import BATCH_AXES, MODEL_AXES, batch_constraint, decode_mesh, param_shardings, path_keys
 
 DECODE_LAYOUTS = ("auto", "batch", "tensor")
 
@@ -91,29 +90,17 @@ def segment_bounds(max_new_tokens: int, segments: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:])] or [(1, max(1, max_new_tokens))]
 
 
-def _pin_rows(mesh, cache):
-    """The KV cache with its row axis over the mesh's batch axes (the write index stays replicated)."""
-    constrain = batch_constraint(mesh)
-
-    def pin(name, value):
-        if name in ("k", "v") and not isinstance(value, tuple):  # `scan_layers`: [layers, batch, ...]
-            return jax.lax.with_sharding_constraint(
-                value, NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (value.ndim - 2)))))
-        return value if name == "index" else jax.tree.map(constrain, value)
-
-    return {name: pin(name, value) for name, value in cache.items()}
-
-
-def _pin_heads(mesh, cache):
-    """The KV cache on a `decode_mesh`: its rows over the batch axes, its KV heads over "tensor"."""
+def _pin_cache(mesh, cache, heads=None):
+    """The KV cache with its rows over the mesh's batch axes and its KV heads over `heads` (a mesh
+    axis of a `decode_mesh`, or None: whole); the write index stays replicated."""
     def pin(name, value):
         if name == "index":
             return value
         if name in ("k", "v"):
-            stacked = not isinstance(value, tuple)
-            spec = P(*([None] if stacked else []), BATCH_AXES, "tensor", None, None)
-            return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)), value)
-        return batch_constraint(mesh)(value)
+            stacked = not isinstance(value, tuple)  # `scan_layers`: [layers, batch, ...]
+            spec = NamedSharding(mesh, P(*([None] if stacked else []), BATCH_AXES, heads, None, None))
+            return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), value)
+        return jax.tree.map(batch_constraint(mesh), value)
 
     return {name: pin(name, value) for name, value in cache.items()}
 
@@ -153,10 +140,12 @@ def tensor_decode_problem(cfg, mesh, batch: int) -> str | None:
     return None
 
 
-def _tensor_parallel_decoder(graphdef, params, batch_mesh):
+def _tensor_parallel_decoder(prefill, graphdef, params, batch_mesh):
     """The decode loop's model on `decode_mesh(batch_mesh)`, its weights copied tensor parallel, and
-    how the loop pins its cache, the residual stream (whole on every model device) and the logits."""
-    cfg = nnx.merge(graphdef, params).cfg
+    how the loop pins its cache, the residual stream (whole on every model device) and the logits.
+    `prefill` (the model the prefill runs) is made to write its keys and values, computed by rows,
+    into the cache laid out by heads."""
+    cfg = prefill.cfg
     mesh = decode_mesh(batch_mesh, cfg.num_kv_heads)
     model = nnx.merge(graphdef, tensor_parallel_copy(params, mesh, cfg))
     pin_to = lambda spec: functools.partial(jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, spec))
@@ -171,25 +160,19 @@ def _tensor_parallel_decoder(graphdef, params, batch_mesh):
             module.constrain_output = by_unit
         elif isinstance(module, MLP):
             module.constrain_hidden = by_unit
-    return (model, functools.partial(_pin_heads, mesh), pin_to(P("data")),
-            NamedSharding(mesh, P(None, MODEL_AXES)))
-
-
-def _write_by_heads(model, batch_mesh):
-    """Make `model` (the prefill's) write its keys and values, computed by rows, into a KV cache laid
-    out by heads on `decode_mesh(batch_mesh, ...)`."""
-    rows = batch_constraint(batch_mesh)
-    by_head = NamedSharding(decode_mesh(batch_mesh, model.cfg.num_kv_heads), P(BATCH_AXES, "tensor", None, None))
-    for _, module in nnx.iter_modules(model):
+    rows, cached = batch_constraint(batch_mesh), pin_to(P(BATCH_AXES, "tensor", None, None))
+    for _, module in nnx.iter_modules(prefill):
         if isinstance(module, Attention):
-            module.constrain_cached = lambda y: jax.lax.with_sharding_constraint(rows(y), by_head)
+            module.constrain_cached = lambda y: cached(rows(y))
+    return (model, functools.partial(_pin_cache, mesh, heads="tensor"), pin_to(P("data")),
+            NamedSharding(mesh, P(None, MODEL_AXES)))
 
 
 def tensor_parallel_copy(params, mesh, cfg):
     """The decoder's copy of `params` on `decode_mesh(mesh, ...)`, tensor parallel (see
-    `rlhf_jax.sharding.decode_param_shardings`), in the compute dtype where that is what a use reads."""
+    `rlhf_jax.sharding.param_shardings(..., decode=True)`), in the compute dtype where that is what a use reads."""
     params = jax.tree_util.tree_map_with_path(lambda p, x: _as_computed(p, x, cfg.compute_dtype), params)
-    return jax.lax.with_sharding_constraint(params, decode_param_shardings(params, mesh))
+    return jax.lax.with_sharding_constraint(params, param_shardings(params, mesh, decode=True))
 
 
 @functools.partial(
@@ -260,9 +243,9 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         problem = tensor_decode_problem(cfg, batch_mesh, batch)
         if decode_layout == "tensor" and problem:
             raise ValueError(f'decode_layout="tensor": {problem}')
-        single = batch_mesh.shape["fsdp"] * batch_mesh.shape["tensor"] == 1
-        copy_free = _stored_wider(params, cfg.compute_dtype)
         if decode_layout == "auto":
+            single = batch_mesh.shape["fsdp"] * batch_mesh.shape["tensor"] == 1
+            copy_free = _stored_wider(params, cfg.compute_dtype)
             decode_layout = "tensor" if copy_free and not (problem or single) else "batch"
     elif decode_layout == "tensor":
         raise ValueError('decode_layout="tensor" needs a batch_mesh')
@@ -272,7 +255,7 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
             f"max_position_embeddings = {cfg.max_position_embeddings}")
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-    pin = (lambda tree: tree) if batch_mesh is None else functools.partial(_pin_rows, batch_mesh)
+    pin = (lambda tree: tree) if batch_mesh is None else functools.partial(_pin_cache, batch_mesh)
     residual, decoder = None, model
     if decode_layout == "tensor":
         # The cache is laid out by heads from the start, and the prefill moves each layer's keys and
@@ -280,8 +263,7 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         # of the cache were alive at once (the NeMo-sized rollout needed 98.4 GiB per v5p chip, against
         # 87.9); unpinned, XLA moved them in float32 from inside RoPE (22.1 against 15.9 GiB of
         # collectives for the 8B's prefill on 16 chips).
-        decoder, pin, residual, by_vocab = _tensor_parallel_decoder(graphdef, params, batch_mesh)
-        _write_by_heads(model, batch_mesh)
+        decoder, pin, residual, by_vocab = _tensor_parallel_decoder(model, graphdef, params, batch_mesh)
     elif batch_mesh is not None:
         by_vocab = NamedSharding(batch_mesh, P(None, BATCH_AXES))
     cache = pin(init_cache(cfg, batch, prompt_len + max_new_tokens))

@@ -39,7 +39,7 @@ _KERNEL_RULES = {
 }
 
 
-# Tensor parallelism for decoding (`decode_param_shardings`): every matmul's weights stay where they
+# Tensor parallelism for decoding (`param_shardings(..., decode=True)`): every matmul's weights stay where they
 # are, and a block reduces only [batch, hidden] partial sums, once after attention and once after
 # the MLP. Both vocabulary tables split by vocabulary.
 _DECODE_RULES = {
@@ -117,10 +117,11 @@ def path_keys(path) -> tuple:
     return keys[:-1] if keys and keys[-1] == "value" else keys
 
 
-def param_shardings(params, mesh: Mesh):
-    """A NamedSharding for every leaf of a params tree (an nnx.State or a dict of them)."""
+def param_shardings(params, mesh: Mesh, decode: bool = False):
+    """A NamedSharding for every leaf of a params tree (an nnx.State or a dict of them); `decode`: the
+    tensor-parallel rules on a `decode_mesh`."""
     def one(path, leaf):
-        return NamedSharding(mesh, spec_for(path_keys(path), np.shape(leaf), mesh))
+        return NamedSharding(mesh, spec_for(path_keys(path), np.shape(leaf), mesh, decode))
     return jax.tree_util.tree_map_with_path(one, params)
 
 
@@ -132,13 +133,6 @@ def decode_mesh(mesh: Mesh, num_kv_heads: int) -> Mesh:
     tensor = math.gcd(num_kv_heads, model)
     grid = mesh.devices.reshape(mesh.shape["data"], model // tensor, tensor)
     return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-
-
-def decode_param_shardings(params, mesh: Mesh):
-    """Tensor-parallel shardings on a `decode_mesh` for every leaf of a params tree."""
-    def one(path, leaf):
-        return NamedSharding(mesh, spec_for(path_keys(path), np.shape(leaf), mesh, decode=True))
-    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
