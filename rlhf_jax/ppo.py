@@ -184,16 +184,21 @@ def rollout_metrics(scores, kl, non_score_rewards, logprobs, mask):
     }
 
 
-def minibatch_orders(key, batch_size: int, num_epochs: int, num_minibatches: int):
+def minibatch_orders(key, batch_size: int, num_epochs: int, num_minibatches: int, group: int = 1):
     """The rows of every minibatch `ppo_update` takes with `key`: int32[epochs, minibatches, rows],
-    a fresh permutation each epoch."""
-    permute = lambda k: jax.random.permutation(k, batch_size).reshape(num_minibatches, -1)
+    a fresh permutation each epoch; with `group` > 1, of whole groups of that many consecutive rows
+    (which stay together and in order)."""
+    if group == 1:
+        permute = lambda k: jax.random.permutation(k, batch_size).reshape(num_minibatches, -1)
+    else:
+        permute = lambda k: (jax.random.permutation(k, batch_size // group)[:, None] * group
+                             + jnp.arange(group)).reshape(num_minibatches, -1)
     return jax.vmap(permute)(jax.random.split(key, num_epochs))
 
 
 def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
                num_epochs: int, num_minibatches: int, axis_name: str | None = None,
-               shard_minibatch: Callable | None = None):
+               shard_minibatch: Callable | None = None, group: int = 1):
     """`num_epochs` x `num_minibatches` optimizer steps over one rollout batch, all in lax.scan.
 
     Args:
@@ -205,6 +210,7 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
       axis_name: under pmap/shard_map, gradients and stats are averaged over this axis.
       shard_minibatch: applied to every array of a selected minibatch (under jit on a mesh: a
         sharding constraint, since the random-permutation gather drops the batch axis' sharding).
+      group: minibatches of whole groups of that many consecutive rows (`minibatch_orders`).
     Returns (params, opt_state, stats): stats are the means over every minibatch step,
     plus `grad_norm` (before clipping) and `nonfinite_steps` (steps whose gradient
     was not finite; those steps are skipped, and the caller decides to stop).
@@ -238,7 +244,7 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
         stats = dict(stats, loss=loss, grad_norm=grad_norm, nonfinite_steps=(~finite).astype(jnp.float32))
         return (params, opt_state), stats
 
-    orders = minibatch_orders(key, batch_size, num_epochs, num_minibatches)
+    orders = minibatch_orders(key, batch_size, num_epochs, num_minibatches, group)
     epoch_step = lambda carry, order: jax.lax.scan(minibatch_step, carry, order)
     (params, opt_state), stats = jax.lax.scan(epoch_step, (params, opt_state), orders)
     stats = jax.tree.map(jnp.mean, stats)

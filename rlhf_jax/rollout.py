@@ -77,6 +77,28 @@ def sequence_values(graphdef, params, ids, mask, response_len: int, **backbone_o
     return nnx.merge(graphdef, params)(ids, mask, positions, **backbone_options)
 
 
+def prompt_group(config, mesh=None, *, update: bool = True) -> int:
+    """How many consecutive rows share one run of their prompt through the backbone (1: none):
+    `train.num_generations` where `train.share_prompts` is on and it applies. The rollout's prefill
+    (`update=False`; `generate`'s prompt_group) and a value-free update's forwards (`Transformer.grouped`)
+    share them for value-free algorithms, and on a mesh whose batch axes split the rows, where the
+    prompts split evenly over them. The update also needs the plain attention (the fused kernels
+    take no KV cache) and minibatches of whole groups."""
+    generations, rows = config.train.num_generations, config.train.rollout_batch_size
+    if not config.train.share_prompts or config.algorithm == "ppo" or generations < 2:
+        return 1
+    if update:
+        if config.model.attention != "xla" or rows % config.ppo.num_mini_batches:
+            return 1
+        rows //= config.ppo.num_mini_batches
+    if rows % generations:
+        return 1
+    split = update and config.model.shard_activations or not update and config.sampling.shard_cache
+    if mesh is not None and split and (rows // generations) % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return 1
+    return generations
+
+
 def make_rollout(config, *, policy_graphdef, reward_graphdef=None, eos_ids: Sequence[int] = (), pad_id: int = 0,
                  mesh=None):
     """The jitted rollout of a run: `rollout(policy_params, prompt_ids, prompt_mask, key, reward_params=None)
@@ -99,7 +121,8 @@ def make_rollout(config, *, policy_graphdef, reward_graphdef=None, eos_ids: Sequ
                       transposed_kernels=None if mesh is None else mesh.devices.flat[0].platform == "cpu",
                       batch_mesh=mesh if s.shard_cache else None, shard_prefill=s.shard_prefill,
                       decode_segments=s.decode_segments,
-                      decode_layout=s.decode_layout if mesh is not None else "batch")
+                      decode_layout=s.decode_layout if mesh is not None else "batch",
+                      prompt_group=prompt_group(config, mesh, update=False))
     with_values = config.algorithm == "ppo" and config.model.value_model == "shared"
 
     def rollout(policy_params, prompt_ids, prompt_mask, key, reward_params=None):

@@ -105,6 +105,14 @@ def _pin_cache(mesh, cache, heads=None):
     return {name: pin(name, value) for name, value in cache.items()}
 
 
+def _repeat_rows(cache, group: int, stacked: bool):
+    """A KV cache (`init_cache`'s pytree) with every row repeated `group` times in a row."""
+    repeat = lambda axis: lambda a: jnp.repeat(a, group, axis=axis)
+    kv_axis = 1 if stacked else 0  # stacked: [layers, batch, ...]
+    return {**cache, "k": jax.tree.map(repeat(kv_axis), cache["k"]), "v": jax.tree.map(repeat(kv_axis), cache["v"]),
+            "key_mask": repeat(0)(cache["key_mask"]), "positions": repeat(0)(cache["positions"])}
+
+
 def _cast_in_use(path, leaf) -> bool:
     """Whether a parameter's uses cast it to the compute dtype (projections and embedding tables; norms
     compute in float32)."""
@@ -179,12 +187,12 @@ def tensor_parallel_copy(params, mesh, cfg):
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
                      "with_values", "transposed_kernels", "batch_mesh", "shard_prefill", "decode_segments",
-                     "decode_layout"))
+                     "decode_layout", "prompt_group"))
 def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, with_values: bool = False,
              transposed_kernels: bool | None = None, batch_mesh=None, shard_prefill: bool = False,
-             decode_segments: int = 1, decode_layout: str = "batch"):
+             decode_segments: int = 1, decode_layout: str = "batch", prompt_group: int = 1):
     """Sample `max_new_tokens` continuations of a batch of prompts.
 
     Args:
@@ -224,6 +232,8 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         (a LoRA run's bf16 base on 4 chips: 3.5 GiB per chip for an 8B model). "auto": "tensor" on
         more than one model device where it fits (`tensor_decode_problem`) and costs no memory,
         else "batch". Same samples.
+      prompt_group: the rows hold each prompt that many times in a row (GRPO's groups): the prefill
+        runs each prompt once and its cache is repeated for the group's rows. Same samples.
 
     Returns a dict:
       response_ids: int32[batch, max_new_tokens], pad after EOS;
@@ -266,12 +276,19 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         decoder, pin, residual, by_vocab = _tensor_parallel_decoder(model, graphdef, params, batch_mesh)
     elif batch_mesh is not None:
         by_vocab = NamedSharding(batch_mesh, P(None, BATCH_AXES))
-    cache = pin(init_cache(cfg, batch, prompt_len + max_new_tokens))
+    if batch % prompt_group:
+        raise ValueError(f"prompt_group={prompt_group} does not divide the batch of {batch} rows")
+    if prompt_group > 1:
+        prompt_ids, prompt_mask = prompt_ids[::prompt_group], prompt_mask[::prompt_group]
+    cache = pin(init_cache(cfg, batch // prompt_group, prompt_len + max_new_tokens))
     constrain = batch_constraint(batch_mesh) if batch_mesh is not None and shard_prefill else None
     hidden, cache = model.backbone(prompt_ids, prompt_mask, cache,
                                    output_index=last_token_index(prompt_mask)[:, None], constrain=constrain,
                                    fresh_cache=True)
     hidden = hidden[:, 0]
+    if prompt_group > 1:
+        hidden = jnp.repeat(hidden, prompt_group, axis=0)
+        cache = pin(_repeat_rows(cache, prompt_group, cfg.scan_layers))
     model = decoder
     if transposed_kernels if transposed_kernels is not None else jax.default_backend() == "cpu":
         transpose_kernels(model)

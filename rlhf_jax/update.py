@@ -132,8 +132,10 @@ class _Forward:
     """The training forward of a run's policy (and reference, and value model), shared by the loss and
     the scoring pass so that both are one program: on equal params and rows, equal bits."""
 
-    def __init__(self, config, policy_graphdef, ref_graphdef, value_graphdef, mesh, value_head: bool = True):
+    def __init__(self, config, policy_graphdef, ref_graphdef, value_graphdef, mesh, value_head: bool = True,
+                 group: int = 1):
         m = config.model
+        self.group = group  # rows per prompt run once through the backbone (`prompt_group`)
         self.value_head = value_head
         self.policy_graphdef, self.ref_graphdef, self.value_graphdef = policy_graphdef, ref_graphdef, value_graphdef
         self.param_dtype = jnp.dtype(m.param_dtype)
@@ -144,6 +146,10 @@ class _Forward:
 
     def hidden(self, model, mb):
         """The backbone's hidden states at the positions that predict each response token."""
+        if self.group > 1:
+            g = self.group
+            return model.backbone.grouped(mb["prompt_ids"][::g], mb["prompt_mask"][::g], mb["response_ids"],
+                                          mb["response_mask"], g, **self.backbone_options)
         ids, mask = join(mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
         prompt_len, response_len = mb["prompt_ids"].shape[1], mb["response_ids"].shape[1]
         # A fused kernel serves the policy's and the reference's forwards (a separate value model

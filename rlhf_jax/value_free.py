@@ -22,7 +22,7 @@ from rlhf_jax import advantages as adv_lib
 from rlhf_jax import kl as kl_lib
 from rlhf_jax.ops import masked_mean
 from rlhf_jax.ppo import clipped_pg_loss, kl_penalty_loss, lm_token_stats, minibatch_orders, ppo_update, sampler_weights
-from rlhf_jax.rollout import Rollout
+from rlhf_jax.rollout import Rollout, prompt_group
 from rlhf_jax.update import (StateSharded, TrainState, _Forward, make_optimizer, make_ppo_update, normalize_scores,
                              resolve_old_logprobs, sequence_batch)
 
@@ -78,7 +78,8 @@ def make_value_free_update(config, *, policy_graphdef, ref_graphdef=None, eos_id
         raise ValueError(f"config.algorithm = {algorithm!r}: the value-free ones are {ALGORITHMS[1:]}")
     group = config.train.num_generations
     optimizer = optimizer or make_optimizer(config)
-    fwd = _Forward(config, policy_graphdef, ref_graphdef or policy_graphdef, None, mesh, value_head=False)
+    share = prompt_group(config, mesh)
+    fwd = _Forward(config, policy_graphdef, ref_graphdef or policy_graphdef, None, mesh, value_head=False, group=share)
     recompute = resolve_old_logprobs(config) == "recompute"
     use_ref = p.kl_coef > 0
     kl_in_loss = use_ref and p.kl_in_loss
@@ -123,7 +124,7 @@ def make_value_free_update(config, *, policy_graphdef, ref_graphdef=None, eos_id
                                                        p.overlong_penalty)
         batch = sequence_batch(rollout)
         key, update_key = jax.random.split(state.key)
-        orders = minibatch_orders(update_key, mask.shape[0], p.num_ppo_epochs, p.num_mini_batches)
+        orders = minibatch_orders(update_key, mask.shape[0], p.num_ppo_epochs, p.num_mini_batches, share)
         scored = fwd.score(state.params, frozen, reference, batch, orders[0], policy=recompute, values=False,
                            ref=use_ref) if (use_ref or recompute) else {}
         old_logprobs = scored["logprobs"] if recompute else rollout.logprobs
@@ -147,7 +148,8 @@ def make_value_free_update(config, *, policy_graphdef, ref_graphdef=None, eos_id
             batch["sampler_weights"] = weights
         params, opt_state, stats = ppo_update(
             state.params, state.opt_state, batch, update_key, loss_fn=loss_fn(frozen), optimizer=optimizer,
-            num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches, shard_minibatch=fwd.shard_batch)
+            num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches, shard_minibatch=fwd.shard_batch,
+            group=share)
         row_kl = jnp.sum(kl, axis=1)
         lengths = rollout.lengths.astype(jnp.float32)
         metrics = {

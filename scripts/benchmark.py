@@ -6,6 +6,7 @@ with the peers' harnesses (TRL, Tunix) in benchmarks/peers. The last line printe
     python scripts/benchmark.py --preset small --value_model shared
     python scripts/benchmark.py --preset small --peers --rounds 3   # ours, TRL, Tunix alternating
     python scripts/benchmark.py --preset small --algorithm grpo --peers --rounds 3   # GRPO, 8 prompts x 4
+    python scripts/benchmark.py --preset small --algorithm grpo --share_prompts off  # each row's prompt run
     python scripts/benchmark.py --preset small --dtype bfloat16 --old_logprobs sampler  # recompute's cost
     python scripts/benchmark.py --preset small --value_model shared --plan   # the planner's estimate vs measured
 
@@ -95,7 +96,7 @@ def make_config(args, tok_dir, rm_dir, prompts):
         # GRPO as DeepSeekMath's (and the peers' defaults): k3 KL in the loss, std-scaled group baseline.
         c.algorithm = "grpo"
         c.reward.kind = "function"  # the trainer's reward_fn is replaced by target_word_reward in run_ours
-        c.train.num_generations = args.generations
+        c.train.update(num_generations=args.generations, share_prompts=args.share_prompts == "on")
         c.ppo.update(kl_coef=0.04, kl_in_loss=True, kl_loss_estimator="k3", loss_aggregation="sequence")
     c.optim.update(learning_rate=3e-6)
     c.logging.update(progress=False, tensorboard=False, samples_every=0)
@@ -230,6 +231,8 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="model.dtype and model.param_dtype (the peers run f32)")
     parser.add_argument("--old_logprobs", choices=["auto", "recompute", "sampler"], default="auto")
+    parser.add_argument("--share_prompts", choices=["on", "off"], default="on",
+                        help="with --algorithm grpo: train.share_prompts (each prompt run once for its group)")
     parser.add_argument("--peers", action="store_true",
                         help="also run TRL and Tunix (benchmarks/peers, after its setup_peers.sh), alternating")
     parser.add_argument("--rounds", type=int, default=2, help="with --peers: alternating rounds")

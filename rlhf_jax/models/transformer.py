@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
@@ -364,17 +365,25 @@ def transpose_kernels(model) -> None:
 REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _remat_block(layer, x, positions, allowed, inv_freq, remat: str, attend=None):
-    """One block (no cache, every position) under `jax.checkpoint` with the named policy.
+def _checkpointed(layer, fn, remat: str):
+    """`fn(layer, *args)` as a function of `args` under `jax.checkpoint` with the named policy.
 
     Functional (split, then merge inside) rather than `nnx.remat`: a LoRA block mixes variables of
     two traces (the frozen base and the adapters being differentiated), which nnx.remat refuses."""
     graphdef, state = nnx.split(layer)
 
-    def run(state, x, positions, allowed, inv_freq):
-        return nnx.merge(graphdef, state)(x, positions, allowed, None, None, inv_freq, attend=attend)[0]
+    def run(state, *args):
+        return fn(nnx.merge(graphdef, state), *args)
 
-    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, x, positions, allowed, inv_freq)
+    return functools.partial(jax.checkpoint(run, policy=REMAT_POLICIES[remat]), state)
+
+
+def _remat_block(layer, x, positions, allowed, inv_freq, remat: str, attend=None):
+    """One block (no cache, every position) under `jax.checkpoint` with the named policy."""
+    def run(block, x, positions, allowed, inv_freq):
+        return block(x, positions, allowed, None, None, inv_freq, attend=attend)[0]
+
+    return _checkpointed(layer, run, remat)(x, positions, allowed, inv_freq)
 
 
 def stack_blocks(blocks) -> Block:
@@ -383,14 +392,13 @@ def stack_blocks(blocks) -> Block:
     return nnx.merge(nnx.split(blocks[0])[0], jax.tree.map(lambda *a: jnp.stack(a), *states))
 
 
-def _scan_blocks(stacked: Block, x, positions, allowed, windowed, sliding_layers, kv, index, inv_freqs,
-                 remat: str, constrain, attend=None):
-    """Run the stacked blocks under `jax.lax.scan`, layer after layer.
+def _scan_layers(stacked: Block, carry, step, inv_freqs, sliding_layers, remat: str):
+    """Run `step(block, carry, layer, inv_freq, is_sliding) -> carry` over the stacked blocks under
+    `jax.lax.scan`, layer after layer.
 
-    Per-layer differences travel as scanned inputs: the RoPE frequencies (zeros for a layer without
-    RoPE: cos 1, sin 0, the identity exactly) and whether the layer's attention is windowed. The KV
-    cache (kv: (k, v) stacks, or None) rides in the carry and is written in place.
-    Returns (x, (k, v) or None)."""
+    Per-layer differences travel as scanned inputs: the layer's index, its RoPE frequencies (zeros for
+    a layer without RoPE: cos 1, sin 0, the identity exactly; None where no layer has RoPE) and
+    whether its attention is windowed."""
     graphdef, state = nnx.split(stacked)
     num_layers = len(inv_freqs)
     rope = any(f is not None for f in inv_freqs)
@@ -401,25 +409,34 @@ def _scan_blocks(stacked: Block, x, positions, allowed, windowed, sliding_layers
         freqs = jnp.zeros((num_layers, 0), jnp.float32)
     sliding = jnp.asarray([i in sliding_layers for i in range(num_layers)])
 
-    def block(layer_state, x, kv, layer, freq, is_sliding):
-        layer_allowed = allowed if windowed is None else jnp.where(is_sliding, windowed, allowed)
-        layer_kv = None if kv is None else (*kv, layer)
-        layer_attend = None if attend is None else functools.partial(attend, sliding=is_sliding)
-        x, new_kv = nnx.merge(graphdef, layer_state)(x, positions, layer_allowed, layer_kv, index,
-                                                      freq if rope else None, attend=layer_attend)
-        return constrain(x), None if kv is None else new_kv[:2]
+    def block(layer_state, carry, layer, freq, is_sliding):
+        return step(nnx.merge(graphdef, layer_state), carry, layer, freq if rope else None, is_sliding)
 
     if remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
-    def step(carry, xs):
-        x, kv = carry
+    def body(carry, xs):
         layer_state, layer, freq, is_sliding = xs
-        return block(layer_state, x, kv, layer, freq, is_sliding), None
+        return block(layer_state, carry, layer, freq, is_sliding), None
 
-    xs = (state, jnp.arange(num_layers), freqs, sliding)
-    (x, kv), _ = jax.lax.scan(step, (x, kv), xs)
-    return x, kv
+    carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(num_layers), freqs, sliding))
+    return carry
+
+
+def _scan_blocks(stacked: Block, x, positions, allowed, windowed, sliding_layers, kv, index, inv_freqs,
+                 remat: str, constrain, attend=None):
+    """The stacked blocks, scanned (`_scan_layers`). The KV cache (kv: (k, v) stacks, or None) rides
+    in the carry and is written in place. Returns (x, (k, v) or None)."""
+
+    def step(block, carry, layer, freq, is_sliding):
+        x, kv = carry
+        layer_allowed = allowed if windowed is None else jnp.where(is_sliding, windowed, allowed)
+        layer_kv = None if kv is None else (*kv, layer)
+        layer_attend = None if attend is None else functools.partial(attend, sliding=is_sliding)
+        x, new_kv = block(x, positions, layer_allowed, layer_kv, index, freq, attend=layer_attend)
+        return constrain(x), None if kv is None else new_kv[:2]
+
+    return _scan_layers(stacked, (x, kv), step, inv_freqs, sliding_layers, remat)
 
 
 class Transformer(nnx.Module):
@@ -484,14 +501,9 @@ class Transformer(nnx.Module):
             keys_real = mask if fresh_cache else key_mask[:, :keys]
         allowed = causal[None] & keys_real[:, None, :]
         windowed = allowed & window[None] if cfg.sliding_layers else None
-        x = self.embed[...][input_ids].astype(cfg.compute_dtype)
-        if cfg.family == "gpt2":
-            x = x + self.pos_embed[...][positions].astype(cfg.compute_dtype)
-        if cfg.family == "gemma3":  # transformers rounds the scale to the weights' dtype first
-            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.weight_dtype).astype(cfg.compute_dtype)
         inv_freqs = layer_inv_freqs(cfg)
         constrain = constrain or (lambda y: y)
-        x = constrain(x)
+        x = constrain(self._embed(input_ids, positions))
         # Decoding runs the blocks one after another even when they are stacked: XLA then keeps each
         # layer's weights in place and reduces partial sums, where in a scan it gathered every layer's
         # weights at every token (19.5 GiB per token per chip for an 8B model on 16 v5e chips, against
@@ -538,6 +550,85 @@ class Transformer(nnx.Module):
         if not stacked_cache:
             new_k, new_v = tuple(new_k), tuple(new_v)
         return hidden, self._advanced(cache, new_k, new_v, key_mask, mask, index, seq)
+
+    def _embed(self, input_ids, positions):
+        cfg = self.cfg
+        x = self.embed[...][input_ids].astype(cfg.compute_dtype)
+        if cfg.family == "gpt2":
+            x = x + self.pos_embed[...][positions].astype(cfg.compute_dtype)
+        if cfg.family == "gemma3":  # transformers rounds the scale to the weights' dtype first
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.weight_dtype).astype(cfg.compute_dtype)
+        return x
+
+    def grouped(self, prompt_ids, prompt_mask, response_ids, response_mask, group: int, *, remat: str = "none",
+                constrain=None):
+        """The hidden states that predict each response token, f[b, response_len, d], for rows that
+        continue each prompt `group` times in a row (b = prompts x group, as GRPO samples them): each
+        prompt runs through the blocks once, and its keys and values serve its group's responses.
+
+        The same values, up to rounding, as the full-sequence forward
+        `self(join(prompt_ids repeated, ...), output_index=response_positions(...))`, for
+        (1 + group x response_len / prompt_len) / (group + group x response_len / prompt_len) of its
+        work on the prompts' share. prompt_ids, prompt_mask: int[b / group, prompt_len], left-padded,
+        each row with a real last token; response_ids, response_mask: int[b, response_len].
+        remat, constrain: as for `__call__`.
+        """
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+        cfg = self.cfg
+        prompts, prompt_len = prompt_ids.shape
+        rows, response_len = response_ids.shape
+        if rows != prompts * group:
+            raise ValueError(f"{rows} responses are not {group} per prompt for {prompts} prompts")
+        total = prompt_len + response_len
+        prompt_mask, response_mask = prompt_mask.astype(bool), response_mask.astype(bool)
+        prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
+        seen = jnp.repeat(jnp.sum(prompt_mask.astype(jnp.int32), axis=-1), group)
+        response_positions = jnp.maximum(seen[:, None] + jnp.cumsum(response_mask.astype(jnp.int32), axis=-1) - 1, 0)
+        # Over slots of the joined sequence, as the full-sequence forward's (constants, see __call__).
+        causal = np.tril(np.ones((total, total), bool))
+        keys_real = jnp.concatenate([jnp.repeat(prompt_mask, group, axis=0), response_mask], axis=1)
+        masks = {False: (causal[None, :prompt_len, :prompt_len] & prompt_mask[:, None, :],
+                         causal[None, prompt_len:] & keys_real[:, None, :])}
+        if cfg.sliding_layers:
+            window = np.triu(np.ones((total, total), bool), 1 - cfg.sliding_window)
+            masks[True] = (masks[False][0] & window[None, :prompt_len, :prompt_len],
+                           masks[False][1] & window[None, prompt_len:])
+        constrain = constrain or (lambda y: y)
+        empty = jnp.zeros((prompts, cfg.num_kv_heads, total, cfg.head_dim), cfg.compute_dtype)
+
+        def step(block, carry, inv_freq, sliding, last: bool = False):
+            """One block over the prompts (its keys and values written to a cache of the joined
+            length), then over the responses, which attend to them repeated and to their own."""
+            x_prompt, x_response = carry
+            if isinstance(sliding, bool) or not cfg.sliding_layers:
+                prompt_allowed, response_allowed = masks[bool(sliding) if cfg.sliding_layers else False]
+            else:
+                prompt_allowed, response_allowed = (jnp.where(sliding, w, a) for w, a in zip(masks[True], masks[False]))
+            x_prompt, kv = block(x_prompt, prompt_positions, prompt_allowed, (empty, empty), 0, inv_freq,
+                                 slice(prompt_len - 1, prompt_len) if last else None)
+            kv = tuple(jnp.repeat(c, group, axis=0) for c in kv)
+            x_response, _ = block(x_response, response_positions, response_allowed, kv, prompt_len, inv_freq,
+                                  slice(0, response_len - 1) if last else None)
+            return constrain(x_prompt), constrain(x_response)
+
+        carry = (constrain(self._embed(prompt_ids, prompt_positions)),
+                 constrain(self._embed(response_ids, response_positions)))
+        inv_freqs = layer_inv_freqs(cfg)
+        if cfg.scan_layers:
+            x_prompt, x_response = _scan_layers(self.layers, carry, lambda b, c, _, f, w: step(b, c, f, w),
+                                                inv_freqs, cfg.sliding_layers, remat)
+            x_prompt, x_response = x_prompt[:, -1:], x_response[:, :-1]
+        else:
+            for i, layer in enumerate(self._each_layer()):
+                last = i == cfg.num_layers - 1
+                run = functools.partial(step, inv_freq=inv_freqs[i], sliding=i in cfg.sliding_layers, last=last)
+                carry = (_checkpointed(layer, run, remat) if remat != "none" and not last else
+                         functools.partial(run, layer))(carry)
+            x_prompt, x_response = carry
+            if not cfg.num_layers:
+                x_prompt, x_response = x_prompt[:, -1:], x_response[:, :-1]
+        return self.final_norm(jnp.concatenate([jnp.repeat(x_prompt, group, axis=0), x_response], axis=1))
 
     def _each_layer(self):
         """The blocks in order (under `scan_layers`, each a view of its slice of the stack)."""
