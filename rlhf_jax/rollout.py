@@ -118,7 +118,6 @@ def make_rollout(config, *, policy_graphdef, reward_graphdef=None, eos_ids: Sequ
     # The KV cache is split by rows, which XLA would replicate (see `generate`).
     gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                       eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
-                      transposed_kernels=None if mesh is None else mesh.devices.flat[0].platform == "cpu",
                       batch_mesh=mesh if s.shard_cache else None, shard_prefill=s.shard_prefill,
                       decode_segments=s.decode_segments,
                       decode_layout=s.decode_layout if mesh is not None else "batch",

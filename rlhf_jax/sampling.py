@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax.models.heads import last_token_index
-from rlhf_jax.models.transformer import MLP, Attention, init_cache, transpose_kernels
+from rlhf_jax.models.transformer import MLP, Attention, init_cache
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.sharding import BATCH_AXES, MODEL_AXES, batch_constraint, decode_mesh, param_shardings, path_keys
 
@@ -186,12 +186,12 @@ def tensor_parallel_copy(params, mesh, cfg):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
-                     "with_values", "transposed_kernels", "batch_mesh", "shard_prefill", "decode_segments",
+                     "with_values", "batch_mesh", "shard_prefill", "decode_segments",
                      "decode_layout", "prompt_group"))
 def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, with_values: bool = False,
-             transposed_kernels: bool | None = None, batch_mesh=None, shard_prefill: bool = False,
+             batch_mesh=None, shard_prefill: bool = False,
              decode_segments: int = 1, decode_layout: str = "batch", prompt_group: int = 1):
     """Sample `max_new_tokens` continuations of a batch of prompts.
 
@@ -205,9 +205,6 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
       pad_id: written after a row's EOS.
       with_values: also return the value head's output at each sampled position
         (the model must have a value head); costs no extra forward.
-      transposed_kernels: decode with (out, in) copies of the kernels (faster on XLA:CPU, a second
-        copy of the weights elsewhere); None: when JAX's default backend is the CPU. Compiling for
-        other devices from a CPU host (a TPU slice's compile-only devices) must say False.
       batch_mesh: a `jax.sharding.Mesh` whose batch axes (data, fsdp) split the KV cache's rows and
         the sampler's, or None (XLA places them, and on a mesh may replicate them: every device then
         reads the whole batch's keys and values, or samples the whole batch, at every step).
@@ -290,8 +287,6 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
         hidden = jnp.repeat(hidden, prompt_group, axis=0)
         cache = pin(_repeat_rows(cache, prompt_group, cfg.scan_layers))
     model = decoder
-    if transposed_kernels if transposed_kernels is not None else jax.default_backend() == "cpu":
-        transpose_kernels(model)
 
     # Drawn up front: inside the loop, XLA:CPU runs each threefry call as a rolled loop of its own
     # (about 2% of a small model's decoding).

@@ -35,12 +35,6 @@ def matmul(x, w):
     return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
-def matmul_t(x, w_t):
-    """x[..., k] @ w_t[n, k].T as one 2-D matmul, for kernels copied to (out, in) (`transpose_kernels`)."""
-    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), w_t, (((1,), (1,)), ((), ())))
-    return y.reshape(*x.shape[:-1], w_t.shape[0])
-
-
 def select_positions(x, index):
     """x[b, s, ...] at the positions `index`: a slice (the same for every row) or int[b, n]."""
     if isinstance(index, slice):
@@ -53,8 +47,6 @@ class Dense(nnx.Module):
 
     The LoRA factors are `nnx.LoRAParam`s, so `nnx.split(model, nnx.LoRAParam, ...)` separates
     the adapters from the frozen base; lora_b starts at zero (the adapters start as no change).
-    `kernel_t`, when set (inside a jitted function, by `transpose_kernels`), is an (out, in) copy
-    of the kernel that calls multiply by instead.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, cfg: ModelConfig,
@@ -74,7 +66,6 @@ class Dense(nnx.Module):
             self.lora_scale = cfg.lora_alpha / cfg.lora_rank
         else:
             self.lora_a = self.lora_b = None
-        self.kernel_t = None
 
     def lora_delta(self, x):
         """The adapter's contribution to y (None without an adapter)."""
@@ -85,10 +76,7 @@ class Dense(nnx.Module):
                       self.lora_b[...].astype(self.dtype)) * self.lora_scale
 
     def __call__(self, x):
-        if self.kernel_t is None:
-            y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        else:
-            y = matmul_t(x.astype(self.dtype), self.kernel_t)
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         delta = self.lora_delta(x)
@@ -176,7 +164,6 @@ class Attention(nnx.Module):
         self.o_proj = Dense(h * hd, d, use_bias=cfg.o_bias, cfg=cfg, rngs=rngs, name="o_proj")
         self.q_norm = Norm(hd, cfg) if cfg.qk_norm else None
         self.k_norm = Norm(hd, cfg) if cfg.qk_norm else None
-        self.qkv_kernel_t = None  # the fused q/k/v kernel as (out, in), set by `transpose_kernels`
         # A tensor-parallel decoder (`rlhf_jax.sampling`) sets these: three matmuls, not one (its kernels
         # are split by heads, and their concatenation would be resharded at every step), and sharding
         # constraints for the projections q, k, v and for the attention's output [b, s, heads x head_dim],
@@ -197,10 +184,7 @@ class Attention(nnx.Module):
         if not self.fuse_qkv:
             return [p(x) for p in projections]
         dtype = self.cfg.compute_dtype
-        if self.qkv_kernel_t is None:
-            y = matmul(x.astype(dtype), self.qkv_kernel())
-        else:
-            y = matmul_t(x.astype(dtype), self.qkv_kernel_t)
+        y = matmul(x.astype(dtype), self.qkv_kernel())
         if self.cfg.qkv_bias:
             y = y + jnp.concatenate([p.bias[...].astype(dtype) for p in projections])
         sizes = [p.kernel.shape[1] for p in projections]
@@ -344,21 +328,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
         "positions": jnp.zeros((batch,), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
-
-
-def transpose_kernels(model) -> None:
-    """Give every projection in `model` an (out, in) copy of its kernel, which its calls then use.
-
-    Call it on a model merged inside a jitted function. For decoding on XLA:CPU: a few rows
-    times an (out, in) matrix run faster than times the (in, out) one once the weights no
-    longer fit in cache (decoding a 6-layer, 512-wide GPT-2 took 0.9x the time; a 4-layer,
-    256-wide one 0.98x). `generate` makes the copies once, before its loop.
-    """
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, Dense):
-            module.kernel_t = nnx.data(jnp.swapaxes(module.kernel[...].astype(module.dtype), -1, -2))
-        elif isinstance(module, Attention) and module.fuse_qkv:
-            module.qkv_kernel_t = nnx.data(jnp.swapaxes(module.qkv_kernel(), -1, -2))
 
 
 # What a rematerialised block saves for the backward (None: nothing but its inputs).
@@ -567,11 +536,11 @@ class Transformer(nnx.Module):
         prompt runs through the blocks once, and its keys and values serve its group's responses.
 
         The same values, up to rounding, as the full-sequence forward
-        `self(join(prompt_ids repeated, ...), output_index=response_positions(...))`, for
-        (1 + group x response_len / prompt_len) / (group + group x response_len / prompt_len) of its
-        work on the prompts' share. prompt_ids, prompt_mask: int[b / group, prompt_len], left-padded,
-        each row with a real last token; response_ids, response_mask: int[b, response_len].
-        remat, constrain: as for `__call__`.
+        `self(join(prompt_ids repeated, ...), output_index=response_positions(...))`, over
+        prompt_len + group x response_len tokens per prompt instead of group x (prompt_len +
+        response_len). prompt_ids, prompt_mask: int[b / group, prompt_len], left-padded, each row with
+        a real last token; response_ids, response_mask: int[b, response_len]. remat, constrain: as
+        for `__call__`.
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
