@@ -250,16 +250,22 @@ def test_bf16_step0_kl_and_ratios_are_exact_on_a_2x4_mesh(tmp_path):
 
 def test_grpo_groups_on_a_data8_mesh_match_one_device(tmp_path):
     """4 samples of each prompt are one group whatever the mesh: a GRPO iteration on data=8 (a group
-    spans two devices) gives one device's metrics."""
-    def grpo(data):
-        c = mesh_config(data)
+    spans two devices; its prompt is run per row) and on (2, 1, 4) (each prompt once for its group,
+    two prompts per batch shard) gives one device's metrics (prompts shared)."""
+    from rlhf_jax.rollout import prompt_group
+
+    def grpo(*shape):
+        c = mesh_config(*shape)
         c.algorithm, c.train.num_generations = "grpo", 4
-        c.ppo.update(kl_in_loss=True, kl_loss_estimator="k3")
+        # One minibatch step: its loss does not depend on the order of the rows (by groups where shared).
+        c.ppo.update(kl_in_loss=True, kl_loss_estimator="k3", num_mini_batches=1, num_ppo_epochs=1)
         return c
     _, _, one = one_iteration(grpo(1), tmp_path / "one")
-    _, _, eight = one_iteration(grpo(8), tmp_path / "eight")
-    for key in ("objective/scores", "reward/std", "frac_reward_zero_std", "loss", "completions/mean_length"):
-        assert eight[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    for shape, shared in (((8,), 1), ((2, 1, 4), 4)):
+        trainer, _, metrics = one_iteration(grpo(*shape), tmp_path / "x".join(map(str, shape)))
+        assert prompt_group(trainer.config, trainer.mesh) == shared
+        for key in ("objective/scores", "reward/std", "frac_reward_zero_std", "loss", "completions/mean_length"):
+            assert metrics[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (shape, key)
 
 
 def test_splash_attention_under_shard_map_equals_the_plain_attention(mesh_shape=(2, 2, 2)):

@@ -39,8 +39,8 @@ def ragged_batch():
             rng.integers(1, 64, (PROMPTS * GROUP, RESPONSE_LEN)) * response_mask, response_mask)
 
 
-@pytest.mark.parametrize("family,scan,remat", [("gpt2", False, "none"), ("llama", False, "full"),
-                                               ("gemma3", True, "dots")])
+# GPT-2 (learned positions) runs grouped in the update test below (configs/tiny.py).
+@pytest.mark.parametrize("family,scan,remat", [("llama", False, "full"), ("gemma3", True, "dots")])
 def test_grouped_forward_equals_the_full_sequence_forward(family, scan, remat):
     """Every per-layer difference (no-RoPE layer, sliding windows at their own base, qk norms), left
     padding and early-ended responses: hidden states at the real response positions, and the gradient
@@ -59,12 +59,16 @@ def test_grouped_forward_equals_the_full_sequence_forward(family, scan, remat):
                                                             GROUP, remat=remat)
 
     real = response_mask[..., None].astype(bool)
-    a, b = jax.jit(full)(params), jax.jit(grouped)(params)
+
+    def loss(forward):
+        def value(p):
+            hidden = forward(p)
+            return jnp.sum(jnp.where(real, jnp.sin(hidden), 0.0)), hidden
+        return jax.jit(jax.value_and_grad(value, has_aux=True))
+
+    ((_, a), grads_a), ((_, b), grads_b) = (loss(f)(params) for f in (full, grouped))
     assert a.shape == b.shape == (PROMPTS * GROUP, RESPONSE_LEN, 32)
     np.testing.assert_allclose(np.where(real, b, 0), np.where(real, a, 0), atol=5e-6)
-
-    loss = lambda forward: lambda p: jnp.sum(jnp.where(real, jnp.sin(forward(p)), 0.0))
-    grads_a, grads_b = (jax.jit(jax.grad(loss(f)))(params) for f in (full, grouped))
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(grads_a), jax.tree.leaves(grads_b)):
         # k_proj's bias has a zero gradient (it shifts every score of a query alike): rounding only.
         np.testing.assert_allclose(y, x, atol=2e-5 * max(1.0, float(np.max(np.abs(x)))), err_msg=jax.tree_util.keystr(path))
@@ -77,10 +81,10 @@ def test_grouped_forward_checks_the_group():
         model.backbone.grouped(prompt_ids, prompt_mask, response_ids, response_mask, 3)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_the_shared_prefill_samples_what_the_full_one_does(scan):
+def test_the_shared_prefill_samples_what_the_full_one_does():
+    """Scanned (the cache's rows are its second axis); unrolled, in the GRPO tests on a mesh."""
     prompt_ids, prompt_mask, _, _ = ragged_batch()
-    graphdef, params = nnx.split(CausalLM(CONFIGS["gemma3"].replace(scan_layers=scan), rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(CausalLM(CONFIGS["gemma3"].replace(scan_layers=True), rngs=nnx.Rngs(0)))
     kwargs = dict(max_new_tokens=5, temperature=1.0)
     rows = (np.repeat(prompt_ids, GROUP, 0), np.repeat(prompt_mask, GROUP, 0))
     full = generate(graphdef, params, *rows, jax.random.PRNGKey(1), **kwargs)
@@ -137,20 +141,32 @@ def test_where_prompts_are_shared(change, expected):
         assert prompt_group(c, change.get("mesh"), update=False) == 4
 
 
-def test_a_grpo_iteration_with_shared_prompts_equals_one_without(tmp_path):
-    """The same trainer iteration (same samples, rewards and update) with and without sharing. One
-    epoch of one minibatch: the orders differ (by groups, by rows), the loss over all rows does not."""
+def test_a_grpo_update_with_shared_prompts_equals_one_without(tmp_path):
+    """The trainer's update (prompts shared) and one built with `share_prompts=False`, on the same
+    rollout (sampled with the shared prefill) and rewards. One epoch of one minibatch: the orders
+    differ (by groups, by rows), the loss over all rows does not."""
     from rlhf_jax.trainer import PPOTrainer
+    from rlhf_jax.value_free import make_update
 
-    results = []
-    for share in (True, False):
-        c = grpo_config(share_prompts=share)
-        c.ppo.update(kl_in_loss=True, kl_loss_estimator="k3", num_ppo_epochs=1, num_mini_batches=1)
-        trainer = PPOTrainer(c, str(tmp_path / str(share)))
-        state, metrics, _ = trainer.iteration(trainer.init_state())
-        results.append((state, metrics))
-    (shared, m_shared), (plain, m_plain) = results
-    for key in ("objective/scores", "completions/mean_length", "kl", "entropy"):
-        assert m_shared[key] == pytest.approx(m_plain[key], rel=1e-4, abs=1e-6), key
-    for a, b in zip(jax.tree.leaves(shared.params), jax.tree.leaves(plain.params)):
+    c = grpo_config()
+    c.ppo.update(kl_in_loss=True, kl_loss_estimator="k3", num_ppo_epochs=1, num_mini_batches=1)
+    trainer = PPOTrainer(c, str(tmp_path))
+    state = trainer.init_state()
+    rows = [np.repeat(a[:4], GROUP, axis=0) for a in (trainer.prompt_ids, trainer.prompt_mask)]
+    rollout = trainer.rollout_fn(trainer.policy_params(state), *map(trainer.to_device_batch, rows),
+                                 jax.random.PRNGKey(0))
+    scores = trainer.to_device_batch(np.arange(16, dtype=np.float32) % 3)
+    plain = c.copy_and_resolve_references()
+    plain.train.share_prompts = False
+    assert prompt_group(c) == GROUP and prompt_group(plain) == 1
+    unshared = make_update(plain, policy_graphdef=trainer.policy_graphdef, ref_graphdef=trainer.ref_graphdef,
+                           eos_ids=trainer.eos_ids, optimizer=trainer.optimizer)
+    copy = lambda: jax.tree.map(jnp.copy, state)  # the updates donate their state
+    results = [update(copy(), rollout, scores, trainer.frozen, trainer.update_reference)
+               for update in (trainer.update_fn, unshared)]
+    (shared, m_shared), (plain_state, m_plain) = results
+    for key in ("loss", "kl", "entropy", "loss/kl_avg"):
+        assert float(m_shared[key]) == pytest.approx(float(m_plain[key]), rel=1e-4, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(shared.params), jax.tree.leaves(plain_state.params)):
         np.testing.assert_allclose(a, b, atol=4 * c.optim.learning_rate)
+    assert not np.allclose(jax.tree.leaves(shared.params)[0], jax.tree.leaves(state.params)[0])  # it moved
