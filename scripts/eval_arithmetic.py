@@ -11,18 +11,23 @@ answers, then one JSON line: {"model", "problems", "accuracy", "format_ok", "sec
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
+    from rlhf_jax.runtime import use_huge_pages
+    use_huge_pages()
+
+import argparse
+import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rlhf_jax.data import as_messages, read_prompts, tokenize_prompts  # noqa: E402
 from rlhf_jax.models import load_pretrained  # noqa: E402
