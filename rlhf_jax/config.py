@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # rollout_batch_size counts responses: rollout_batch_size / num_generations prompts per iteration.
     # share_prompts: a value-free update runs each prompt once through the backbone for its
-    # num_generations samples (where it applies: `rlhf_jax.update.prompt_group`).
+    # num_generations samples (where it applies: `rlhf_jax.rollout.prompt_group`).
     c.train = ml_collections.ConfigDict(dict(rollout_batch_size=16, num_iterations=10, on_nonfinite="stop",
                                              num_generations=1, share_prompts=True))
 

@@ -93,7 +93,7 @@ def prompt_group(config, mesh=None, *, update: bool = True) -> int:
         rows //= config.ppo.num_mini_batches
     if rows % generations:
         return 1
-    split = update and config.model.shard_activations or not update and config.sampling.shard_cache
+    split = config.model.shard_activations if update else config.sampling.shard_cache
     if mesh is not None and split and (rows // generations) % (mesh.shape["data"] * mesh.shape["fsdp"]):
         return 1
     return generations

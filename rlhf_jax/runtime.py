@@ -53,18 +53,18 @@ def use_huge_pages() -> None:
     if (os.environ.get("RLHF_JAX_HUGE_PAGES", "1") == "0" or sys.platform != "linux"
             or "glibc.malloc." in tunables or platform.libc_ver()[0] != "glibc"):
         return
-    chosen = [tunables] if tunables else []
+    added = []
     try:
         with open(_THP_MODE) as f:
             if "[never]" not in f.read():
-                chosen.append(_HUGE_PAGES)
+                added.append(_HUGE_PAGES)
     except OSError:
         pass
     if os.environ.get("JAX_PLATFORMS") == "cpu":
-        chosen.extend(_KEEP_FREED)
-    if len(chosen) == bool(tunables):
+        added.extend(_KEEP_FREED)
+    if not added:
         return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(chosen))
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(([tunables] if tunables else []) + added))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

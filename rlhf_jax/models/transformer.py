@@ -570,9 +570,11 @@ class Transformer(nnx.Module):
             """One block over the prompts (its keys and values written to a cache of the joined
             length), then over the responses, which attend to them repeated and to their own."""
             x_prompt, x_response = carry
-            if isinstance(sliding, bool) or not cfg.sliding_layers:
-                prompt_allowed, response_allowed = masks[bool(sliding) if cfg.sliding_layers else False]
-            else:
+            if not cfg.sliding_layers:
+                prompt_allowed, response_allowed = masks[False]
+            elif isinstance(sliding, bool):  # unrolled
+                prompt_allowed, response_allowed = masks[sliding]
+            else:  # scanned: a traced flag
                 prompt_allowed, response_allowed = (jnp.where(sliding, w, a) for w, a in zip(masks[True], masks[False]))
             x_prompt, kv = block(x_prompt, prompt_positions, prompt_allowed, (empty, empty), 0, inv_freq,
                                  slice(prompt_len - 1, prompt_len) if last else None)
