@@ -34,8 +34,10 @@ smollm2: $(TEST_EXTRAS)
 demo: $(STAMP)
 	$(BIN)/python -m rlhf_jax.tasks.demo --workdir=$(WORKDIR)
 
+# Two workers: most of a test's time is XLA compiling on one core.
+TEST_WORKERS ?= 2
 test: $(TEST_EXTRAS)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # Every command of README.md, in order, in a fresh clone of HEAD (slow: it includes make demo and make test).
 readme:

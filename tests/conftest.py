@@ -20,6 +20,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import numpy as np
 import pytest
 
+# `make test` runs two pytest-xdist workers, a file each at a time, in the order collected (--dist
+# loadfile --no-loadscope-reorder): the files that run whole programs in subprocesses (minutes each)
+# start first, so that neither worker is left with one of them at the end.
+FIRST = ("test_sharding.py", "test_multihost.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in FIRST)
+
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
