@@ -35,6 +35,13 @@ def matmul(x, w):
     return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
+def token_positions(mask, start=None):
+    """Each token's position: its index among its row's real tokens (`cumsum(mask) - 1`, 0 on left
+    padding), after `start` int[b] earlier ones (a cache's, a shared prompt's) where given."""
+    offsets = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+    return jnp.maximum(offsets if start is None else start[:, None] + offsets, 0)
+
+
 def select_positions(x, index):
     """x[b, s, ...] at the positions `index`: a slice (the same for every row) or int[b, n]."""
     if isinstance(index, slice):
@@ -448,11 +455,10 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         mask = attention_mask.astype(bool)
         seq = input_ids.shape[1]
-        offsets = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
         # Causality and sliding windows are over slots (where each query and key sits in the cache;
         # the sequence index without one), as in transformers.
         if cache is None:
-            positions = jnp.maximum(offsets, 0)
+            positions = token_positions(mask)
             index = None
             # A constant lower triangle: XLA:CPU's update ran 5-10% slower with the same mask as a
             # comparison of iotas.
@@ -461,7 +467,7 @@ class Transformer(nnx.Module):
             keys_real = mask
         else:
             index = cache["index"]
-            positions = jnp.maximum(cache["positions"][:, None] + offsets, 0)
+            positions = token_positions(mask, cache["positions"])
             key_mask = jax.lax.dynamic_update_slice(cache["key_mask"], mask, (0, index))
             keys = seq if fresh_cache else kv_len or key_mask.shape[1]
             distance = (index + jnp.arange(seq))[:, None] - jnp.arange(keys)
@@ -551,9 +557,9 @@ class Transformer(nnx.Module):
             raise ValueError(f"{rows} responses are not {group} per prompt for {prompts} prompts")
         total = prompt_len + response_len
         prompt_mask, response_mask = prompt_mask.astype(bool), response_mask.astype(bool)
-        prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
-        seen = jnp.repeat(jnp.sum(prompt_mask.astype(jnp.int32), axis=-1), group)
-        response_positions = jnp.maximum(seen[:, None] + jnp.cumsum(response_mask.astype(jnp.int32), axis=-1) - 1, 0)
+        prompt_positions = token_positions(prompt_mask)
+        response_positions = token_positions(
+            response_mask, jnp.repeat(jnp.sum(prompt_mask.astype(jnp.int32), axis=-1), group))
         # Over slots of the joined sequence, as the full-sequence forward's (constants, see __call__).
         causal = np.tril(np.ones((total, total), bool))
         keys_real = jnp.concatenate([jnp.repeat(prompt_mask, group, axis=0), response_mask], axis=1)
