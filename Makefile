@@ -37,7 +37,7 @@ demo: $(STAMP)
 # Two workers: most of a test's time is XLA compiling on one core.
 TEST_WORKERS ?= 2
 test: $(TEST_EXTRAS)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # Every command of README.md, in order, in a fresh clone of HEAD (slow: it includes make demo and make test).
 readme:

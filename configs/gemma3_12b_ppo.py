@@ -9,11 +9,13 @@ last 1024 positions; its linear RoPE scaling changes neither memory nor FLOPs an
 is `configs/llama3_8b_ppo.py`'s (batch 64 of 512 + 512 tokens, 4 minibatches, FSDP over all chips).
 """
 
-from rlhf_jax.config import sibling_config
+import os
+
+from rlhf_jax.config import load_config
 
 
 def get_config():
-    c = sibling_config(__file__, "llama3_8b_ppo.py")
+    c = load_config(os.path.join(os.path.dirname(__file__), "llama3_8b_ppo.py"))
     c.model.builtin.update(family="gemma3", vocab_size=262208, hidden_size=3840, num_layers=48, num_heads=16,
                            num_kv_heads=8, head_dim=256, intermediate_size=15360, max_position_embeddings=131072,
                            rope_theta=1000000.0, norm_eps=1e-6, tie_word_embeddings=True, sliding_window=1024)

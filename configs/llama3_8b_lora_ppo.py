@@ -4,11 +4,13 @@
     python -m rlhf_jax.plan --config=configs/llama3_8b_lora_ppo.py --topology=v5e:2x2
 """
 
-from rlhf_jax.config import sibling_config
+import os
+
+from rlhf_jax.config import load_config
 
 
 def get_config():
-    c = sibling_config(__file__, "llama3_8b_ppo.py")
+    c = load_config(os.path.join(os.path.dirname(__file__), "llama3_8b_ppo.py"))
     c.model.update(dtype="bfloat16", param_dtype="bfloat16")
     c.lora.update(enabled=True, rank=16, alpha=32.0,
                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))

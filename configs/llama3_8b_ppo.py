@@ -26,7 +26,7 @@ def get_config():
     c.data.max_prompt_len = 512
     c.sampling.max_new_tokens = 512
     c.train.rollout_batch_size = 64
-    c.ppo.update(num_ppo_epochs=1, num_mini_batches=4)
+    c.rl.update(num_ppo_epochs=1, num_mini_batches=4)
     c.optim.learning_rate = 1e-6
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     return c

@@ -8,11 +8,13 @@ The architecture is Qwen3-8B's config.json (36 layers, width 4096, 32 query and 
 `configs/llama3_8b_ppo.py`'s (batch 64 of 512 + 512 tokens, 4 minibatches, FSDP over all chips).
 """
 
-from rlhf_jax.config import sibling_config
+import os
+
+from rlhf_jax.config import load_config
 
 
 def get_config():
-    c = sibling_config(__file__, "llama3_8b_ppo.py")
+    c = load_config(os.path.join(os.path.dirname(__file__), "llama3_8b_ppo.py"))
     c.model.builtin.update(family="llama", vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32,
                            num_kv_heads=8, intermediate_size=12288, max_position_embeddings=40960,
                            rope_theta=1000000.0, norm_eps=1e-6, tie_word_embeddings=False, qk_norm=True)

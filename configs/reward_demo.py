@@ -4,7 +4,7 @@ starting from the demo's warmed-up model (run `make demo` first).
     python -m rlhf_jax.train_reward --config=configs/reward_demo.py --workdir=runs/demo/rm
 """
 
-from rlhf_jax.reward_model import base_reward_config
+from rlhf_jax.run.reward_model import base_reward_config
 
 
 def get_config():

@@ -25,7 +25,7 @@ def get_config():
     c.data.update(path="configs/arithmetic_train.jsonl", chat_template=True, max_prompt_len=144)
     c.sampling.update(max_new_tokens=40, temperature=0.8)
     c.train.update(rollout_batch_size=32, num_generations=8, num_iterations=30)
-    c.ppo.update(kl_coef=0.02, kl_in_loss=True, kl_loss_estimator="k3", loss_aggregation="sequence",
+    c.rl.update(kl_coef=0.02, kl_in_loss=True, kl_loss_estimator="k3", loss_aggregation="sequence",
                  num_ppo_epochs=1, num_mini_batches=2)
     c.optim.update(learning_rate=2e-4, warmup_steps=0)
     c.checkpoint.every = 10

@@ -18,7 +18,7 @@ def get_config():
     c.data.update(path="configs/smollm2_questions.jsonl", chat_template=True, max_prompt_len=40)
     c.sampling.update(max_new_tokens=24, temperature=0.7)
     c.train.update(rollout_batch_size=16, num_iterations=20)
-    c.ppo.update(kl_coef=0.05, num_ppo_epochs=2, num_mini_batches=2, vf_coef=0.1, missing_eos_penalty=0.5)
+    c.rl.update(kl_coef=0.05, num_ppo_epochs=2, num_mini_batches=2, vf_coef=0.1, missing_eos_penalty=0.5)
     c.optim.update(learning_rate=1e-4, warmup_steps=0)
     c.checkpoint.every = 10
     c.logging.samples_every = 5

@@ -14,8 +14,8 @@ def get_config():
     c.sampling.max_new_tokens = 8
     c.train.rollout_batch_size = 16
     c.train.num_iterations = 6
-    c.ppo.num_ppo_epochs = 2
-    c.ppo.num_mini_batches = 2
+    c.rl.num_ppo_epochs = 2
+    c.rl.num_mini_batches = 2
     c.optim.learning_rate = 3e-3
     c.checkpoint.every = 3
     c.logging.samples_every = 3

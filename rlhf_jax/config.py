@@ -7,19 +7,22 @@ override is an error, not a silently ignored key.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import math
 import os
+from typing import Iterable
 
 import ml_collections
 
-ESTIMATORS = ("k1", "k2", "k3")
+from rlhf_jax import options
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     # "ppo" (a value model or head, GAE), or value-free with a group baseline over train.num_generations
-    # samples per prompt: "grpo" (with Dr. GRPO, DAPO and GSPO as ppo.* options), "rloo", "reinforce_pp".
+    # samples per prompt: "grpo" (with Dr. GRPO, DAPO and GSPO as rl.* options), "rloo", "reinforce_pp".
     c.algorithm = "ppo"
 
     c.model = ml_collections.ConfigDict()
@@ -84,12 +87,14 @@ def base_config() -> ml_collections.ConfigDict:
     # weights where the update keeps them, the cache split by rows), "tensor" (a tensor-parallel copy
     # of the weights for the decode loop, the cache split by KV heads; needs shard_cache) or "auto"
     # ("tensor" on more than one model device where the heads split evenly), see
-    # rlhf_jax.sampling.generate
+    # rlhf_jax.sampling.generate.generate
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
                                                 shard_cache=True, shard_prefill=True, decode_segments=1,
                                                 decode_layout="auto"))
 
-    c.ppo = ml_collections.ConfigDict(dict(
+    # The update's options, for every algorithm (the section was called `ppo` before GRPO and the others
+    # joined: a config or override that says config.ppo.* stops with one line naming config.rl.*).
+    c.rl = ml_collections.ConfigDict(dict(
         kl_coef=0.05, kl_estimator="k1", kl_in_loss=False, kl_loss_estimator="k3",
         adaptive_kl=False, kl_target=6.0, kl_horizon=10000.0,
         cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, ent_coef=0.0,
@@ -99,11 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
         # "sampler" (as sampled: saves a forward, differs by rounding below float32), "auto": recompute
         # unless model.dtype is float32.
         old_logprobs="auto",
-        # Importance weights pi_trainer / pi_sampler on the policy loss (see ppo.sampler_weights):
+        # Importance weights pi_trainer / pi_sampler on the policy loss (rlhf_jax.core.losses.sampler_weights):
         # "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"; cap C > 1.
         sampler_correction="none", sampler_correction_cap=3.0,
-        # Value-free algorithms: the ratio is clipped to [1 - cliprange, 1 + cliprange_high] (0: cliprange);
-        # ratio_level "token" or "sequence" (GSPO); loss_aggregation may also be "constant" (Dr. GRPO);
+        # The ratio is clipped to [1 - cliprange, 1 + cliprange_high] (0: cliprange); ratio_level "token" or
+        # "sequence" (GSPO); without a critic loss_aggregation may also be "constant" (Dr. GRPO);
         # scale_rewards_by_std False: Dr. GRPO; mask_zero_std_groups: DAPO's dynamic sampling (no refill);
         # overlong_buffer > 0: DAPO's soft penalty, up to overlong_penalty, over the last that many tokens.
         cliprange_high=0.0, ratio_level="token", scale_rewards_by_std=True, mask_zero_std_groups=False,
@@ -115,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # rollout_batch_size counts responses: rollout_batch_size / num_generations prompts per iteration.
     # share_prompts: a value-free update runs each prompt once through the backbone for its
-    # num_generations samples (where it applies: `rlhf_jax.rollout.prompt_group`).
+    # num_generations samples (where it applies: `rlhf_jax.sampling.rollout.prompt_group`).
     c.train = ml_collections.ConfigDict(dict(rollout_batch_size=16, num_iterations=10, on_nonfinite="stop",
                                              num_generations=1, share_prompts=True))
 
@@ -144,16 +149,112 @@ def _leaves(config, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def sibling_config(here: str, name: str):
-    """`get_config()` of the config file `name` in the folder of `here` (a config file's `__file__`),
-    for configs that extend another: configs/ is a folder of files, not a package."""
-    import importlib.util
+# Keys that moved, to the key that replaced them: a config or override that uses one stops with one line.
+RENAMED_SECTIONS = {"ppo": "rl"}
 
-    path = os.path.join(os.path.dirname(os.path.abspath(here)), name)
-    spec = importlib.util.spec_from_file_location(os.path.splitext(name)[0], path)
+
+def load_config(path: str, overrides: Iterable[str] | dict = ()) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file at `path`, with dotted overrides applied: ["rl.kl_coef=0.1", ...]
+    or {"rl.kl_coef": 0.1}. Every entry point loads configs through here (the command lines, the
+    scripts, the tests, and config files that extend another). An override's string is read as the
+    type of the value it replaces (bools as true/false/1/0; tuples and lists as Python literals).
+    A file that is missing or has no get_config(), an unknown key or a value of the wrong type is a
+    ConfigError naming it; an exception inside the config file's own code keeps its traceback."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config={path}: no such config file")
+    name = "rlhf_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"--config={path}: the file defines no get_config()")
+    try:
+        config = module.get_config()
+    except AttributeError as e:
+        moved = RENAMED_SECTIONS.get(getattr(e, "name", None) or "")
+        if moved is None:
+            raise  # the config file's own code: its traceback
+        raise ConfigError(f"{path}: config.{e.name} is now config.{moved} (rename the section there)") from None
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    for key, value in items:
+        set_key(config, key, value)
+    return config
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    return key.removeprefix("--config.").removeprefix("config."), value
+
+
+def set_key(config, key: str, value) -> None:
+    """Set the dotted `key` of `config` to `value` (a string is parsed as the type of the current value)."""
+    section, _, leaf = key.rpartition(".")
+    node = config
+    for part in section.split(".") if section else ():
+        node = _child(node, part, key)
+    current = _child(node, leaf, key)
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{key} is a section; set one of its keys ({', '.join(sorted(current.keys()))})")
+    if isinstance(value, str) and not isinstance(current, str):
+        value = _parse(value, current, key)
+    try:
+        setattr(node, leaf, value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.{key} = {value!r}: {e}") from None
+
+
+def _child(node, part: str, key: str):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        moved = RENAMED_SECTIONS.get(key.split(".")[0])
+        if moved:
+            raise ConfigError(f"config.{key}: the section is now config.{moved} (config.{moved}."
+                              f"{key.partition('.')[2]})")
+        raise ConfigError(f"no such config key config.{key}")
+    return node[part]
+
+
+def _parse(text: str, current, key: str):
+    try:
+        if isinstance(current, bool):
+            if text.lower() in ("true", "1"):
+                return True
+            if text.lower() in ("false", "0"):
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        kind = type(current).__name__
+        raise ConfigError(f"config.{key} = {text!r}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
+                          f"(like the default {current!r})") from None
+
+
+# The keys that take one of several values, and their lists (`rlhf_jax.options`).
+_CHOICES = {
+    "model.value_model": options.VALUE_MODELS,
+    "model.dtype": options.DTYPES,
+    "model.param_dtype": options.DTYPES,
+    "model.remat": options.REMAT_MODES,
+    "model.attention": options.ATTENTION_KERNELS,
+    "model.builtin.family": options.FAMILIES,
+    "sampling.decode_layout": options.DECODE_LAYOUTS,
+    "reward.kind": options.REWARD_KINDS,
+    "reward.normalize": options.REWARD_NORMALIZATIONS,
+    "data.truncation": options.TRUNCATIONS,
+    "rl.kl_estimator": options.KL_ESTIMATORS,
+    "rl.kl_loss_estimator": options.KL_ESTIMATORS,
+    "algorithm": options.ALGORITHMS,
+    "rl.ratio_level": options.RATIO_LEVELS,
+    "rl.old_logprobs": options.OLD_LOGPROBS,
+    "rl.sampler_correction": options.SAMPLER_CORRECTIONS,
+    "optim.schedule": options.SCHEDULES,
+    "train.on_nonfinite": options.ON_NONFINITE,
+}
 
 
 def _choice(config, key: str, choices) -> None:
@@ -180,14 +281,10 @@ def validate(config, num_devices: int = 1) -> None:
     for key, value in _leaves(config):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config.{key} = {value}: must be a finite number")
+    for key, choices in _CHOICES.items():
+        _choice(config, key, choices)
     _positive(config, "seed", allow_zero=True)
     _positive(config, "checkpoint.max_to_keep")
-    _choice(config, "model.value_model", ("shared", "separate"))
-    _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
-    _choice(config, "model.param_dtype", ("float32", "bfloat16", "float16"))
-    _choice(config, "model.remat", ("none", "full", "dots"))
-    _choice(config, "model.attention", ("xla", "splash", "cudnn"))
-    _choice(config, "model.builtin.family", ("gpt2", "llama", "gemma3"))
     builtin = config.model.builtin
     if builtin.qk_norm and builtin.family != "llama":
         raise ConfigError("config.model.builtin.qk_norm = True needs config.model.builtin.family = 'llama' "
@@ -202,26 +299,18 @@ def validate(config, num_devices: int = 1) -> None:
                           "hidden_size / num_heads")
     _positive(config, "model.logits_chunk", allow_zero=True)
     _positive(config, "sampling.decode_segments")
-    _choice(config, "sampling.decode_layout", ("auto", "batch", "tensor"))
     if config.sampling.decode_layout == "tensor" and not config.sampling.shard_cache:
         raise ConfigError("config.sampling.decode_layout = 'tensor' needs config.sampling.shard_cache = True")
     if config.model.logits_chunk and config.sampling.max_new_tokens % config.model.logits_chunk:
         raise ConfigError(f"config.model.logits_chunk = {config.model.logits_chunk} does not divide "
                           f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens}")
-    _choice(config, "reward.kind", ("function", "model"))
-    _choice(config, "reward.normalize", ("none", "reference", "running"))
-    _choice(config, "data.truncation", ("left", "reject"))
-    _choice(config, "ppo.kl_estimator", ESTIMATORS)
-    _choice(config, "ppo.kl_loss_estimator", ESTIMATORS)
-    _choice(config, "algorithm", ("ppo", "grpo", "rloo", "reinforce_pp"))
-    _choice(config, "ppo.loss_aggregation", ("token", "sequence") if config.algorithm == "ppo"
-            else ("token", "sequence", "constant"))
-    _choice(config, "ppo.ratio_level", ("token", "sequence"))
+    # A critic's value loss has no constant-length normalisation.
+    _choice(config, "rl.loss_aggregation", options.AGGREGATIONS[:2] if uses_value(config) else options.AGGREGATIONS)
     _positive(config, "train.num_generations")
-    _positive(config, "ppo.cliprange_high", allow_zero=True)
-    _positive(config, "ppo.overlong_buffer", allow_zero=True)
-    if config.ppo.overlong_buffer > config.sampling.max_new_tokens:
-        raise ConfigError(f"config.ppo.overlong_buffer = {config.ppo.overlong_buffer} exceeds "
+    _positive(config, "rl.cliprange_high", allow_zero=True)
+    _positive(config, "rl.overlong_buffer", allow_zero=True)
+    if config.rl.overlong_buffer > config.sampling.max_new_tokens:
+        raise ConfigError(f"config.rl.overlong_buffer = {config.rl.overlong_buffer} exceeds "
                           f"config.sampling.max_new_tokens = {config.sampling.max_new_tokens}")
     generations = config.train.num_generations
     if config.algorithm in ("grpo", "rloo") and generations < 2:
@@ -230,20 +319,15 @@ def validate(config, num_devices: int = 1) -> None:
     if config.train.rollout_batch_size % generations:
         raise ConfigError(f"config.train.rollout_batch_size = {config.train.rollout_batch_size} is not a multiple "
                           f"of config.train.num_generations = {generations}")
-    _choice(config, "ppo.old_logprobs", ("auto", "recompute", "sampler"))
-    from rlhf_jax.ppo import SAMPLER_CORRECTIONS
-    _choice(config, "ppo.sampler_correction", SAMPLER_CORRECTIONS)
-    if not config.ppo.sampler_correction_cap > 1:
-        raise ConfigError(f"config.ppo.sampler_correction_cap = {config.ppo.sampler_correction_cap}: must be > 1 "
+    if not config.rl.sampler_correction_cap > 1:
+        raise ConfigError(f"config.rl.sampler_correction_cap = {config.rl.sampler_correction_cap}: must be > 1 "
                           "(the weights are kept within [1/cap, cap])")
-    _choice(config, "optim.schedule", ("constant", "linear", "cosine"))
-    _choice(config, "train.on_nonfinite", ("stop", "skip"))
-    for key in ("train.rollout_batch_size", "train.num_iterations", "ppo.num_ppo_epochs", "ppo.num_mini_batches",
-                "sampling.max_new_tokens", "data.max_prompt_len", "optim.learning_rate", "ppo.cliprange",
-                "ppo.cliprange_value"):
+    for key in ("train.rollout_batch_size", "train.num_iterations", "rl.num_ppo_epochs", "rl.num_mini_batches",
+                "sampling.max_new_tokens", "data.max_prompt_len", "optim.learning_rate", "rl.cliprange",
+                "rl.cliprange_value"):
         _positive(config, key)
-    for key in ("ppo.kl_coef", "sampling.temperature", "sampling.top_k", "checkpoint.every",
-                "optim.max_grad_norm", "ppo.missing_eos_penalty", "optim.warmup_steps"):
+    for key in ("rl.kl_coef", "sampling.temperature", "sampling.top_k", "checkpoint.every",
+                "optim.max_grad_norm", "rl.missing_eos_penalty", "optim.warmup_steps"):
         _positive(config, key, allow_zero=True)
     if not 0 < config.sampling.top_p <= 1:
         raise ConfigError(f"config.sampling.top_p = {config.sampling.top_p}: must be in (0, 1]")
@@ -253,22 +337,21 @@ def validate(config, num_devices: int = 1) -> None:
     if config.sampling.top_k or config.sampling.top_p < 1:
         raise ConfigError("config.sampling.top_k / top_p filter the sampler's distribution, so the logprobs PPO "
                           "recomputes would not match it: leave top_k = 0 and top_p = 1.0 for training")
-    batch, minibatches = config.train.rollout_batch_size, config.ppo.num_mini_batches
+    batch, minibatches = config.train.rollout_batch_size, config.rl.num_mini_batches
     if batch % minibatches:
         raise ConfigError(f"config.train.rollout_batch_size = {batch} does not divide into "
-                          f"config.ppo.num_mini_batches = {minibatches} minibatches")
+                          f"config.rl.num_mini_batches = {minibatches} minibatches")
     if (batch // minibatches) % num_devices:
         raise ConfigError(f"a minibatch of {batch // minibatches} rows (config.train.rollout_batch_size / "
-                          f"config.ppo.num_mini_batches) does not divide over {num_devices} devices")
-    if config.ppo.adaptive_kl and (config.ppo.kl_target <= 0 or config.ppo.kl_horizon <= 0):
-        raise ConfigError("config.ppo.adaptive_kl needs config.ppo.kl_target > 0 and config.ppo.kl_horizon > 0")
+                          f"config.rl.num_mini_batches) does not divide over {num_devices} devices")
+    if config.rl.adaptive_kl and (config.rl.kl_target <= 0 or config.rl.kl_horizon <= 0):
+        raise ConfigError("config.rl.adaptive_kl needs config.rl.kl_target > 0 and config.rl.kl_horizon > 0")
     if config.lora.enabled:
-        from rlhf_jax.models.config import LORA_TARGETS
         _positive(config, "lora.rank")
-        unknown = sorted(set(config.lora.targets) - set(LORA_TARGETS))
+        unknown = sorted(set(config.lora.targets) - set(options.LORA_TARGETS))
         if unknown or not config.lora.targets:
             raise ConfigError(f"config.lora.targets = {tuple(config.lora.targets)}: choose one or more of "
-                              f"{LORA_TARGETS}")
+                              f"{options.LORA_TARGETS}")
         if config.lora.dropout:
             raise ConfigError(f"config.lora.dropout = {config.lora.dropout}: dropout makes the PPO ratio differ "
                               "from 1 on unchanged params (the rollout and training forwards must match); use 0")
@@ -307,35 +390,6 @@ def validate_lengths(config, max_positions: int) -> None:
             f"config.data.max_prompt_len + config.sampling.max_new_tokens = {config.data.max_prompt_len} + "
             f"{config.sampling.max_new_tokens} = {total} exceeds the model's {max_positions} positions "
             "(max_position_embeddings)")
-
-
-def validate_attention(config, platform: str) -> None:
-    """`model.attention = "splash"` compiles for TPU only, over prompt + response tokens in whole tiles;
-    "cudnn" for GPU only."""
-    if config.model.attention == "cudnn" and platform != "gpu":
-        raise ConfigError(f"config.model.attention = 'cudnn' is a GPU kernel; these devices are {platform!r} "
-                          "(use 'xla')")
-    if config.model.attention != "splash":
-        return
-    if platform != "tpu":
-        raise ConfigError(f"config.model.attention = 'splash' is a TPU kernel; these devices are {platform!r} "
-                          "(use 'xla')")
-    from rlhf_jax.attention import tile_problem
-    total = config.data.max_prompt_len + config.sampling.max_new_tokens
-    problem = tile_problem(total)
-    if problem:
-        raise ConfigError(f"config.model.attention = 'splash' needs config.data.max_prompt_len + "
-                          f"config.sampling.max_new_tokens = {total} to be {problem}")
-
-
-def validate_decode_layout(config, model_config, mesh) -> None:
-    """`sampling.decode_layout = "tensor"` needs the heads and the rollout's rows to split evenly."""
-    if config.sampling.decode_layout != "tensor":
-        return
-    from rlhf_jax.sampling import tensor_decode_problem
-    problem = tensor_decode_problem(model_config, mesh, config.train.rollout_batch_size)
-    if problem:
-        raise ConfigError(f"config.sampling.decode_layout = 'tensor': {problem} (use 'auto' or 'batch')")
 
 
 def uses_value(config) -> bool:

@@ -9,12 +9,12 @@ import json
 
 
 def _main(config, workdir):
-    from rlhf_jax.reward_model import train_reward_model
+    from rlhf_jax.run.reward_model import train_reward_model
     print(json.dumps(train_reward_model(config, workdir)))
 
 
 def run():
-    from rlhf_jax.cli import run_cli
+    from rlhf_jax.run.cli import run_cli
     run_cli(_main, "Path to a reward-model config file.")
 
 

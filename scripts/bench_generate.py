@@ -8,8 +8,8 @@ no early EOS, alternating runs in one process. The last line printed is one JSON
 """
 
 if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
-    from rlhf_jax.runtime import use_huge_pages
-    use_huge_pages()
+    from rlhf_jax.run.runtime import tune_process
+    tune_process()
 
 import argparse
 import json
@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.models import CausalLM, gpt2_config, save_pretrained
-from rlhf_jax.sampling import generate
+from rlhf_jax.sampling.generate import generate
 
 
 def main():

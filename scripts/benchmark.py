@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 
-from rlhf_jax.runtime import use_huge_pages
+from rlhf_jax.run.runtime import tune_process
 
 PRESETS = {"small": dict(layers=4, width=256, heads=4), "large": dict(layers=6, width=512, heads=8)}
 
@@ -88,16 +88,16 @@ def make_config(args, tok_dir, rm_dir, prompts):
     c.data.update(path=prompts, max_prompt_len=args.prompt_len)
     c.sampling.update(max_new_tokens=args.response_len, temperature=0.7)
     c.train.update(rollout_batch_size=args.batch, num_iterations=args.iters + 1)
-    c.ppo.update(num_ppo_epochs=1, num_mini_batches=1, old_logprobs=args.old_logprobs)
+    c.rl.update(num_ppo_epochs=1, num_mini_batches=1, old_logprobs=args.old_logprobs)
     if args.algorithm == "ppo":
         c.reward.update(kind="model", model_path=rm_dir)
-        c.ppo.update(kl_coef=0.05, vf_coef=0.1)
+        c.rl.update(kl_coef=0.05, vf_coef=0.1)
     else:
         # GRPO as DeepSeekMath's (and the peers' defaults): k3 KL in the loss, std-scaled group baseline.
         c.algorithm = "grpo"
         c.reward.kind = "function"  # the trainer's reward_fn is replaced by target_word_reward in run_ours
         c.train.update(num_generations=args.generations, share_prompts=args.share_prompts == "on")
-        c.ppo.update(kl_coef=0.04, kl_in_loss=True, kl_loss_estimator="k3", loss_aggregation="sequence")
+        c.rl.update(kl_coef=0.04, kl_in_loss=True, kl_loss_estimator="k3", loss_aggregation="sequence")
     c.optim.update(learning_rate=3e-6)
     c.logging.update(progress=False, tensorboard=False, samples_every=0)
     return c
@@ -121,21 +121,22 @@ def measure_peak(width: int, tokens: int) -> float:
 
 def compiled_flops(jitted, *args, **kwargs) -> float:
     """Matmul FLOPs of one call, read from the compiled program with every loop counted as often as
-    it runs (`rlhf_jax.hlo`; XLA's own cost analysis counts the decode loop's body once)."""
-    from rlhf_jax.hlo import program_costs
+    it runs (`rlhf_jax.plan.hlo`; XLA's own cost analysis counts the decode loop's body once)."""
+    from rlhf_jax.plan.hlo import program_costs
     return program_costs(jitted.lower(*args, **kwargs).compile().as_text()).flops
 
 
 def run_ours(args) -> dict:
     import jax
     import jax.numpy as jnp
-    from rlhf_jax.trainer import PPOTrainer
+
+    from rlhf_jax.run.trainer import RLTrainer
 
     root = tempfile.mkdtemp(prefix="rlhf_bench_")
     tok_dir, rm_dir, prompts = build_assets(root, args)
     config = make_config(args, tok_dir, rm_dir, prompts)
     t0 = time.perf_counter()
-    trainer = PPOTrainer(config, root)
+    trainer = RLTrainer(config, root)
     # The reference config generates every token (no early EOS), like the peers' harnesses.
     trainer.rollout_fn = trainer.make_rollout_fn(eos_ids=())
     if args.algorithm == "grpo":
@@ -183,7 +184,7 @@ def run_ours(args) -> dict:
 def run_plan(args) -> dict:
     """The planner on this benchmark's config (local devices): per function the roofline estimate,
     the measured seconds of the compiled function alone, and their ratio."""
-    from rlhf_jax.plan import format_table, plan
+    from rlhf_jax.plan.cli import format_table, plan
 
     root = tempfile.mkdtemp(prefix="rlhf_bench_")
     result = plan(make_config(args, *build_assets(root, args)), measure=True)
@@ -211,7 +212,7 @@ def run_peers(preset: str, algorithm: str) -> dict:
 
 
 def main():
-    use_huge_pages()
+    tune_process()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--layers", type=int)

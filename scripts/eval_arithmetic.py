@@ -17,8 +17,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
-    from rlhf_jax.runtime import use_huge_pages
-    use_huge_pages()
+    from rlhf_jax.run.runtime import tune_process
+    tune_process()
 
 import argparse
 import json
@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.data import as_messages, read_prompts, tokenize_prompts  # noqa: E402
 from rlhf_jax.models import load_pretrained  # noqa: E402
-from rlhf_jax.sampling import generate  # noqa: E402
+from rlhf_jax.run.data import as_messages, read_prompts, tokenize_prompts  # noqa: E402
+from rlhf_jax.sampling.generate import generate  # noqa: E402
 from rlhf_jax.tasks.arithmetic import exact_match_reward, parse_answer  # noqa: E402
 
 

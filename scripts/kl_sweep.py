@@ -8,8 +8,8 @@ writes kl_sweep.json and kl_sweep.png to --workdir.
 """
 
 if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
-    from rlhf_jax.runtime import use_huge_pages
-    use_huge_pages()
+    from rlhf_jax.run.runtime import tune_process
+    tune_process()
 
 import argparse
 import json
@@ -30,15 +30,16 @@ def main():
     logging.basicConfig(level=logging.WARNING)
 
     from transformers import AutoTokenizer
-    from rlhf_jax.train import train
+
+    from rlhf_jax.run.loop import train
 
     tokenizer = AutoTokenizer.from_pretrained(reviews.build_tokenizer(os.path.join(args.demo_workdir, "tokenizer")))
     warm_up(args.demo_workdir, tokenizer)
     results = []
     for coef in args.coefs:
         config = demo_config(args.demo_workdir)
-        config.ppo.kl_coef = coef
-        config.ppo.adaptive_kl = False  # a fixed coefficient isolates its effect
+        config.rl.kl_coef = coef
+        config.rl.adaptive_kl = False  # a fixed coefficient isolates its effect
         config.train.num_iterations = args.iterations
         config.logging.progress = False
         run_dir = os.path.join(args.workdir, f"kl_coef_{coef:g}")

@@ -5,10 +5,10 @@ update changes, for a config's model in each dtype.
         [--new_tokens 64] [--lrs 1e-6 1e-5 1e-4] [--set model.path=runs/smollm2 ...]
 
 Gap: one rollout of `train.rollout_batch_size` prompts (temperature from the config), then the
-log-probs of the sampled tokens through the update's own scoring pass (`update.make_scoring`, the
+log-probs of the sampled tokens through the update's own scoring pass (`rlhf_jax.step.forward.make_scoring`, the
 forward PPO's loss uses) with the same params. Over the response tokens: max and mean |difference|,
 the share of tokens differing by more than 1e-3, and the range of the ratio exp(difference) that PPO
-would start from if it took the sampler's log-probs as its old ones (`ppo.old_logprobs = "sampler"`).
+would start from if it took the sampler's log-probs as its old ones (`rl.old_logprobs = "sampler"`).
 
 Updates: one PPO step (1 epoch, 1 minibatch) at each learning rate from the same start, and the share
 of trainable entries it changes: in the float32 master weights the state keeps, and in their
@@ -17,41 +17,28 @@ step from weights that dtype can hold rounds exactly like the view). One JSON li
 """
 
 if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
-    from rlhf_jax.runtime import cpu_only_without_accelerators, use_huge_pages
-    use_huge_pages()
-    cpu_only_without_accelerators()
+    from rlhf_jax.run.runtime import tune_process
+    tune_process()
 
 import argparse
 import json
 import logging
-import runpy
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def load_config(path: str, overrides: list[str], dtype: str):
-    import ast
-    config = runpy.run_path(path)["get_config"]()
-    for item in overrides:
-        key, value = item.split("=", 1)
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # a plain string
-        node[leaf] = value
+def dtype_config(path: str, overrides: list[str], dtype: str):
+    from rlhf_jax.config import load_config
+    config = load_config(path, overrides)
     config.model.dtype = config.model.param_dtype = dtype
     config.logging.progress = False
     return config
 
 
 def gap_row(trainer, state, new_tokens: int) -> dict:
-    from rlhf_jax.update import make_scoring
+    from rlhf_jax.step.forward import make_scoring
     c = trainer.config
     batch = c.train.rollout_batch_size
     prompt_ids = trainer.to_device_batch(trainer.prompt_ids[:batch])
@@ -76,7 +63,8 @@ def gap_row(trainer, state, new_tokens: int) -> dict:
 
 def update_rows(trainer, lrs) -> list[dict]:
     from rlhf_jax.models.tree import cast_floats
-    from rlhf_jax.update import make_optimizer, make_ppo_update
+    from rlhf_jax.step.state import make_optimizer
+    from rlhf_jax.step.update import make_update
     c = trainer.config
     view_dtype = jnp.dtype(c.model.param_dtype)
     host_state = jax.device_get(trainer.init_state())  # each step starts from a fresh copy (the update donates)
@@ -85,9 +73,9 @@ def update_rows(trainer, lrs) -> list[dict]:
     for lr in lrs:
         cfg = c.copy_and_resolve_references()
         cfg.optim.update(learning_rate=lr, warmup_steps=0, schedule="constant")
-        cfg.ppo.update(num_ppo_epochs=1, num_mini_batches=1)
+        cfg.rl.update(num_ppo_epochs=1, num_mini_batches=1)
         optimizer = make_optimizer(cfg)
-        trainer.update_fn = make_ppo_update(cfg, policy_graphdef=trainer.policy_graphdef,
+        trainer.update_fn = make_update(cfg, policy_graphdef=trainer.policy_graphdef,
                                             ref_graphdef=trainer.ref_graphdef, value_graphdef=trainer.value_graphdef,
                                             eos_ids=trainer.eos_ids, optimizer=optimizer, mesh=trainer.mesh)
         fresh = jax.device_put(host_state)
@@ -114,17 +102,17 @@ def main():
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from rlhf_jax.trainer import PPOTrainer
+    from rlhf_jax.run.trainer import RLTrainer
 
     for dtype in args.dtypes:
-        config = load_config(args.config, args.set, dtype)
+        config = dtype_config(args.config, args.set, dtype)
         config.sampling.max_new_tokens = args.new_tokens
-        trainer = PPOTrainer(config, None)
+        trainer = RLTrainer(config, None)
         state = trainer.init_state()
         print(json.dumps(gap_row(trainer, state, args.new_tokens)), flush=True)
         del state
         if args.lrs:
-            for row in update_rows(PPOTrainer(config, None), args.lrs):
+            for row in update_rows(RLTrainer(config, None), args.lrs):
                 print(json.dumps(row), flush=True)
 
 

@@ -21,7 +21,7 @@ def test_every_readme_block_is_marked_and_the_fast_ones_are_the_promised_ones():
     fast = [c for b in blocks if b.speed == "fast" for c in b.commands]
     assert any("configs/tiny.py --workdir=runs/tiny" in c for c in fast)
     assert any(c.startswith("python -m rlhf_jax.plan --config=configs/tiny.py") for c in fast)
-    assert any("make_ppo_update" in c for c in fast)  # the own-loop example
+    assert any("make_update" in c for c in fast)  # the own-loop example
     assert {b.speed for b in blocks} == {"fast", "slow", "skip"}
 
 

@@ -7,8 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-FAMILIES = ("gpt2", "llama", "gemma3")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from rlhf_jax.options import FAMILIES, LORA_TARGETS  # noqa: F401 (part of this module's interface)
 
 
 @dataclasses.dataclass(frozen=True)

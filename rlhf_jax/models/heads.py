@@ -6,18 +6,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.core.ops import last_token_index
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import Dense, Transformer, matmul, softcap
-
-
-def last_token_index(mask):
-    """Index of the last real token of each row. mask: int|bool[batch, seq] -> int32[batch].
-
-    Works for left padding, right padding and both; a row with no real token gives 0.
-    """
-    seq = mask.shape[-1]
-    positions = jnp.arange(seq, dtype=jnp.int32)
-    return jnp.max(jnp.where(mask.astype(bool), positions, 0), axis=-1)
 
 
 class CausalLM(nnx.Module):
@@ -79,7 +70,7 @@ class ScalarModel(nnx.Module):
 
     def __call__(self, input_ids, attention_mask, output_index=None, **backbone_options):
         """Per-token scalars f32[batch, seq] (or at `output_index` only; `backbone_options`: remat,
-        constrain; see `Transformer`)."""
+        pins; see `Transformer`)."""
         hidden, _ = self.backbone(input_ids, attention_mask, output_index=output_index, **backbone_options)
         return self.score(hidden)[..., 0].astype(jnp.float32)
 

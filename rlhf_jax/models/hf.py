@@ -23,7 +23,6 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import CausalLM, ScalarModel
 from rlhf_jax.models.lora import merged_params
 from rlhf_jax.models.tree import flatten, per_layer, stack_layers, unflatten
-from rlhf_jax.sharding import spec_for
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3_text")
 # Buffers some checkpoints carry that are not parameters.
@@ -312,14 +311,15 @@ def read_hf_config(path: str) -> dict:
 
 
 def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = False,
-                    dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False, mesh=None):
+                    dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False, placement=None):
     """Load a local HF folder into a `CausalLM` (kind="causal_lm") or a `ScalarModel` (kind="scalar").
 
     Reads config.json and model.safetensors (or a sharded index). Every tensor
     is checked: a missing, unexpected or misshapen tensor raises CheckpointError naming it.
     Pass `read_hf_config(path)` to `save_pretrained` to carry the original config.json fields over.
-    With a `mesh`, each tensor goes from host memory straight to its shards (rlhf_jax.sharding rules),
-    never whole onto one device. `scan_layers`: the blocks' weights stacked (`ModelConfig.scan_layers`).
+    `placement(param path, shape) -> jax.sharding.Sharding`: each tensor goes from host memory straight
+    to its shards, never whole onto one device (`rlhf_jax.parallel.sharding.param_placement(mesh)`:
+    the partition rules). `scan_layers`: the blocks' weights stacked (`ModelConfig.scan_layers`).
     """
     hf = read_hf_config(path)
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype).replace(scan_layers=scan_layers)
@@ -352,14 +352,14 @@ def load_pretrained(path: str, *, kind: str = "causal_lm", value_head: bool = Fa
         raise CheckpointError(f"unexpected tensor(s) in {path!r}: {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''}")
     loaded = stack_layers(loaded, np.stack) if cfg.scan_layers else loaded
-    nnx.replace_by_pure_dict(state, unflatten({path: _place(value, path, mesh) for path, value in loaded.items()}))
+    nnx.replace_by_pure_dict(state, unflatten({path: _place(value, path, placement) for path, value in loaded.items()}))
     return nnx.merge(graphdef, state)
 
 
-def _place(value: np.ndarray, path: tuple, mesh):
-    if mesh is None:
+def _place(value: np.ndarray, path: tuple, placement):
+    if placement is None:
         return jnp.asarray(value)
-    return jax.device_put(value, jax.sharding.NamedSharding(mesh, spec_for(path, value.shape, mesh)))
+    return jax.device_put(value, placement(path, value.shape))
 
 
 def export_tensors(params, cfg: ModelConfig, kind: str = "causal_lm") -> dict[str, np.ndarray]:

@@ -9,13 +9,17 @@ with a cache writes its `S` new keys/values at `cache["index"]` and advances it.
 Prefill is a call with the whole prompt, decoding a call with one token.
 
 Use the modules functionally: `graphdef, params = nnx.split(model)` and
-`nnx.merge(graphdef, params)(...)` inside `jax.jit` (see `rlhf_jax.models.apply`).
+`nnx.merge(graphdef, params)(...)` inside `jax.jit`, as `rlhf_jax.step.forward` and
+`rlhf_jax.sampling.generate` do. Where activations sit on a mesh is the caller's choice, passed in as
+one `Pins` (sharding constraints, from `rlhf_jax.parallel`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +29,35 @@ from flax import nnx
 from rlhf_jax.models.config import ModelConfig
 
 _INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Pins:
+    """Where a forward pins its activations: each field a function applied to one activation (a
+    sharding constraint, made by the caller's parallel layout), or None to leave it to XLA.
+
+    residual: the residual stream f[b, s, d] after the embedding and every block;
+    heads: the projections q, k and v, f[b, s, heads x head_dim];
+    attention_out: the attention's output before o_proj, f[b, s, heads x head_dim];
+    mlp_hidden: the MLP's hidden units, f[b, s, intermediate];
+    cache_write: the keys and values f[b, kv, s, d] as they are written to a KV cache;
+    fuse_qkv: q, k and v as one matmul (False: three, as a tensor-parallel decoder wants them: its
+      kernels are split by heads, and their concatenation would be resharded at every step).
+    """
+
+    residual: Callable | None = None
+    heads: Callable | None = None
+    attention_out: Callable | None = None
+    mlp_hidden: Callable | None = None
+    cache_write: Callable | None = None
+    fuse_qkv: bool = True
+
+    def __call__(self, name: str, x):
+        pin = getattr(self, name)
+        return x if pin is None else pin(x)
+
+
+NO_PINS = Pins()
 
 
 def matmul(x, w):
@@ -171,24 +204,17 @@ class Attention(nnx.Module):
         self.o_proj = Dense(h * hd, d, use_bias=cfg.o_bias, cfg=cfg, rngs=rngs, name="o_proj")
         self.q_norm = Norm(hd, cfg) if cfg.qk_norm else None
         self.k_norm = Norm(hd, cfg) if cfg.qk_norm else None
-        # A tensor-parallel decoder (`rlhf_jax.sampling`) sets these: three matmuls, not one (its kernels
-        # are split by heads, and their concatenation would be resharded at every step), and sharding
-        # constraints for the projections q, k, v and for the attention's output [b, s, heads x head_dim],
-        # which XLA otherwise split by rows, gathering the weights to match; and, on its prefill, for
-        # the keys and values [b, kv, s, d] as they are written to a cache laid out by heads.
-        self.fuse_qkv = True
-        self.constrain_heads = self.constrain_output = self.constrain_cached = None
 
     def qkv_kernel(self):
         """The q, k and v kernels side by side: [d, (heads + 2 kv_heads) x head_dim]."""
         dtype = self.cfg.compute_dtype
         return jnp.concatenate([p.kernel[...].astype(dtype) for p in (self.q_proj, self.k_proj, self.v_proj)], axis=-1)
 
-    def _qkv(self, x):
-        """The three projections as one matmul: on CPU, one [d, 3d] dot costs about what one [d, d]
-        dot does at decoding's small batch sizes."""
+    def _qkv(self, x, fuse: bool):
+        """The three projections as one matmul (`fuse`): on CPU, one [d, 3d] dot costs about what one
+        [d, d] dot does at decoding's small batch sizes."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if not self.fuse_qkv:
+        if not fuse:
             return [p(x) for p in projections]
         dtype = self.cfg.compute_dtype
         y = matmul(x.astype(dtype), self.qkv_kernel())
@@ -199,16 +225,15 @@ class Attention(nnx.Module):
         deltas = [p.lora_delta(x) for p in projections]
         return [o if d is None else o + d for o, d in zip(outs, deltas)]
 
-    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq, query_index=None, attend=None):
+    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq, query_index=None, attend=None,
+                 pins: Pins = NO_PINS):
         """x: [b, s, d]; allowed: bool[b, s, t] (t = s, or the cache length). With `query_index`
         (see `select_positions`), only those positions attend (and are returned); keys and values
         still come from every position. `attend(q, k, v)`, when given (no cache, every position),
-        replaces the scores and softmax here (a fused kernel, `rlhf_jax.attention`)."""
+        replaces the scores and softmax here (a fused kernel, `rlhf_jax.parallel.attention`)."""
         cfg = self.cfg
         b, s, _ = x.shape
-        q, k, v = self._qkv(x)
-        if self.constrain_heads is not None:
-            q, k, v = (self.constrain_heads(y) for y in (q, k, v))
+        q, k, v = (pins("heads", y) for y in self._qkv(x, pins.fuse_qkv))
         q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
@@ -228,8 +253,8 @@ class Attention(nnx.Module):
         if kv_cache is not None:
             keys = allowed.shape[-1]  # the cache's first `keys` slots (see Transformer's kv_len)
             own = keys == k.shape[2]  # a fresh cache's prefill: this call's own keys only
-            written = (k, v) if self.constrain_cached is None else map(self.constrain_cached, (k, v))
-            new_cache, seen = _write_cache(kv_cache, *written, cache_index, None if own else keys)
+            new_cache, seen = _write_cache(kv_cache, pins("cache_write", k), pins("cache_write", v), cache_index,
+                                           None if own else keys)
             if not own:
                 k, v = seen
         else:
@@ -246,8 +271,7 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgst,bktd->bskgd", probs, v).reshape(b, s, cfg.num_heads * cfg.head_dim)
-        if self.constrain_output is not None:
-            out = self.constrain_output(out)
+        out = pins("attention_out", out)
         return self.o_proj(out.astype(cfg.compute_dtype)), new_cache
 
 
@@ -282,10 +306,9 @@ class MLP(nnx.Module):
             self.gate_proj = Dense(d, i, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, name="gate_proj")
         self.up_proj = Dense(d, i, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, name="up_proj")
         self.down_proj = Dense(i, d, use_bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, name="down_proj")
-        self.constrain_hidden = None  # as Attention.constrain_heads, for [b, s, intermediate]
 
-    def __call__(self, x):
-        pin = self.constrain_hidden or (lambda y: y)
+    def __call__(self, x, pins: Pins = NO_PINS):
+        pin = functools.partial(pins, "mlp_hidden")
         if self.gated:
             return self.down_proj(pin(self.activation(pin(self.gate_proj(x))) * pin(self.up_proj(x))))
         return self.down_proj(pin(self.activation(pin(self.up_proj(x)))))
@@ -304,13 +327,14 @@ class Block(nnx.Module):
         self.attn_post_norm = Norm(cfg.hidden_size, cfg) if sandwich else None
         self.mlp_post_norm = Norm(cfg.hidden_size, cfg) if sandwich else None
 
-    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq, query_index=None, attend=None):
+    def __call__(self, x, positions, allowed, kv_cache, cache_index, inv_freq, query_index=None, attend=None,
+                 pins: Pins = NO_PINS):
         h, new_cache = self.attn(self.attn_norm(x), positions, allowed, kv_cache, cache_index, inv_freq,
-                                 query_index, attend)
+                                 query_index, attend, pins)
         if query_index is not None:
             x = select_positions(x, query_index)
         x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), pins)
         return x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h)), new_cache
 
 
@@ -354,10 +378,10 @@ def _checkpointed(layer, fn, remat: str):
     return functools.partial(jax.checkpoint(run, policy=REMAT_POLICIES[remat]), state)
 
 
-def _remat_block(layer, x, positions, allowed, inv_freq, remat: str, attend=None):
+def _remat_block(layer, x, positions, allowed, inv_freq, remat: str, attend=None, pins: Pins = NO_PINS):
     """One block (no cache, every position) under `jax.checkpoint` with the named policy."""
     def run(block, x, positions, allowed, inv_freq):
-        return block(x, positions, allowed, None, None, inv_freq, attend=attend)[0]
+        return block(x, positions, allowed, None, None, inv_freq, attend=attend, pins=pins)[0]
 
     return _checkpointed(layer, run, remat)(x, positions, allowed, inv_freq)
 
@@ -400,7 +424,7 @@ def _scan_layers(stacked: Block, carry, step, inv_freqs, sliding_layers, remat: 
 
 
 def _scan_blocks(stacked: Block, x, positions, allowed, windowed, sliding_layers, kv, index, inv_freqs,
-                 remat: str, constrain, attend=None):
+                 remat: str, pins: Pins, attend=None):
     """The stacked blocks, scanned (`_scan_layers`). The KV cache (kv: (k, v) stacks, or None) rides
     in the carry and is written in place. Returns (x, (k, v) or None)."""
 
@@ -409,8 +433,8 @@ def _scan_blocks(stacked: Block, x, positions, allowed, windowed, sliding_layers
         layer_allowed = allowed if windowed is None else jnp.where(is_sliding, windowed, allowed)
         layer_kv = None if kv is None else (*kv, layer)
         layer_attend = None if attend is None else functools.partial(attend, sliding=is_sliding)
-        x, new_kv = block(x, positions, layer_allowed, layer_kv, index, freq, attend=layer_attend)
-        return constrain(x), None if kv is None else new_kv[:2]
+        x, new_kv = block(x, positions, layer_allowed, layer_kv, index, freq, attend=layer_attend, pins=pins)
+        return pins("residual", x), None if kv is None else new_kv[:2]
 
     return _scan_layers(stacked, (x, kv), step, inv_freqs, sliding_layers, remat)
 
@@ -431,7 +455,7 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg.hidden_size, cfg)
 
     def __call__(self, input_ids, attention_mask, cache=None, output_index=None, *, remat: str = "none",
-                 constrain=None, fresh_cache: bool = False, attend=None, kv_len: int | None = None):
+                 pins: Pins = NO_PINS, fresh_cache: bool = False, attend=None, kv_len: int | None = None):
         """input_ids, attention_mask: int[batch, seq]. Returns (hidden f[batch, seq, d], new cache or None).
 
         output_index: return the hidden states at these positions only (a slice, or int[batch, n]):
@@ -439,15 +463,15 @@ class Transformer(nnx.Module):
         remat (without a cache: training and scoring forwards): what a block keeps for the backward:
           "none" (everything), "full" (only its input; the block is recomputed), "dots" (its matmul
           outputs; the elementwise work is recomputed);
-        constrain: applied to the residual stream f[batch, seq, d] after the embedding and every
-          block (e.g. a sharding constraint that keeps the batch axis sharded).
+        pins: where the activations are pinned (`Pins`: e.g. the residual stream's batch axis kept
+          sharded).
         fresh_cache: the cache is empty (a prefill): its keys and values are written, but the call
           attends to its own `seq` positions only, not to all `max_len` slots (the same result; a
           512-token prefill into a 4096-slot cache otherwise computes 8x the scores it needs).
         kv_len (with a cache, static): attend to the cache's first `kv_len` slots only (they must
           hold every slot written so far, this call's included): a decode step then reads that
           much of the static cache, not all `max_len` slots.
-        attend (without a cache): a fused attention, `rlhf_jax.attention.splash_attention(...)`,
+        attend (without a cache): a fused attention, `rlhf_jax.parallel.attention.splash_attention(...)`,
           for every block that attends at every position.
         """
         if remat not in REMAT_POLICIES:
@@ -477,8 +501,7 @@ class Transformer(nnx.Module):
         allowed = causal[None] & keys_real[:, None, :]
         windowed = allowed & window[None] if cfg.sliding_layers else None
         inv_freqs = layer_inv_freqs(cfg)
-        constrain = constrain or (lambda y: y)
-        x = constrain(self._embed(input_ids, positions))
+        x = pins("residual", self._embed(input_ids, positions))
         # Decoding runs the blocks one after another even when they are stacked: XLA then keeps each
         # layer's weights in place and reduces partial sums, where in a scan it gathered every layer's
         # weights at every token (19.5 GiB per token per chip for an 8B model on 16 v5e chips, against
@@ -490,7 +513,7 @@ class Transformer(nnx.Module):
         if cfg.scan_layers and (cache is None or fresh_cache):
             kv = None if cache is None else (cache["k"], cache["v"])
             x, kv = _scan_blocks(self.layers, x, positions, allowed, windowed, cfg.sliding_layers, kv, index,
-                                 inv_freqs, remat if cache is None else "none", constrain, attend)
+                                 inv_freqs, remat if cache is None else "none", pins, attend)
             if output_index is not None:  # every position ran the last block (the scan's one shape)
                 x = select_positions(x, output_index)
             hidden = self.final_norm(x)
@@ -505,18 +528,18 @@ class Transformer(nnx.Module):
             layer_attend = None if attend is None or query_index is not None else functools.partial(
                 attend, sliding=i in cfg.sliding_layers)
             if cache is None and remat != "none" and query_index is None:
-                x = _remat_block(layer, x, positions, layer_allowed, inv_freqs[i], remat, layer_attend)
+                x = _remat_block(layer, x, positions, layer_allowed, inv_freqs[i], remat, layer_attend, pins)
             elif stacked_cache:  # written in place
                 x, (new_k, new_v, _) = layer(x, positions, layer_allowed, (new_k, new_v, i), index, inv_freqs[i],
-                                             query_index)
+                                             query_index, pins=pins)
             else:
                 layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
                 x, layer_cache = layer(x, positions, layer_allowed, layer_cache, index, inv_freqs[i], query_index,
-                                       layer_attend)
+                                       layer_attend, pins)
                 if cache is not None:
                     new_k.append(layer_cache[0])
                     new_v.append(layer_cache[1])
-            x = constrain(x)
+            x = pins("residual", x)
         if not cfg.num_layers and output_index is not None:
             x = select_positions(x, output_index)
         hidden = self.final_norm(x)
@@ -536,7 +559,7 @@ class Transformer(nnx.Module):
         return x
 
     def grouped(self, prompt_ids, prompt_mask, response_ids, response_mask, group: int, *, remat: str = "none",
-                constrain=None):
+                pins: Pins = NO_PINS):
         """The hidden states that predict each response token, f[b, response_len, d], for rows that
         continue each prompt `group` times in a row (b = prompts x group, as GRPO samples them): each
         prompt runs through the blocks once, and its keys and values serve its group's responses.
@@ -545,8 +568,8 @@ class Transformer(nnx.Module):
         `self(join(prompt_ids repeated, ...), output_index=response_positions(...))`, over
         prompt_len + group x response_len tokens per prompt instead of group x (prompt_len +
         response_len). prompt_ids, prompt_mask: int[b / group, prompt_len], left-padded, each row with
-        a real last token; response_ids, response_mask: int[b, response_len]. remat, constrain: as
-        for `__call__`.
+        a real last token; response_ids, response_mask: int[b, response_len]. remat, pins: as for
+        `__call__`.
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
@@ -569,7 +592,7 @@ class Transformer(nnx.Module):
             window = np.triu(np.ones((total, total), bool), 1 - cfg.sliding_window)
             masks[True] = (masks[False][0] & window[None, :prompt_len, :prompt_len],
                            masks[False][1] & window[None, prompt_len:])
-        constrain = constrain or (lambda y: y)
+        constrain = functools.partial(pins, "residual")
         empty = jnp.zeros((prompts, cfg.num_kv_heads, total, cfg.head_dim), cfg.compute_dtype)
 
         def step(block, carry, inv_freq, sliding, last: bool = False):
@@ -583,10 +606,10 @@ class Transformer(nnx.Module):
             else:  # scanned: a traced flag
                 prompt_allowed, response_allowed = (jnp.where(sliding, w, a) for w, a in zip(masks[True], masks[False]))
             x_prompt, kv = block(x_prompt, prompt_positions, prompt_allowed, (empty, empty), 0, inv_freq,
-                                 slice(prompt_len - 1, prompt_len) if last else None)
+                                 slice(prompt_len - 1, prompt_len) if last else None, pins=pins)
             kv = tuple(jnp.repeat(c, group, axis=0) for c in kv)
             x_response, _ = block(x_response, response_positions, response_allowed, kv, prompt_len, inv_freq,
-                                  slice(0, response_len - 1) if last else None)
+                                  slice(0, response_len - 1) if last else None, pins=pins)
             return constrain(x_prompt), constrain(x_response)
 
         carry = (constrain(self._embed(prompt_ids, prompt_positions)),

@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # it may restart the process, so before the heavy imports below
-    from rlhf_jax.runtime import use_huge_pages
-    use_huge_pages()
+    from rlhf_jax.run.runtime import tune_process
+    tune_process()
 
 import argparse
 import json
@@ -28,9 +28,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rlhf_jax.config import base_config
+from rlhf_jax.config import base_config, set_key
 from rlhf_jax.models import CausalLM, gpt2_config, save_pretrained
-from rlhf_jax.sft import sft_step
+from rlhf_jax.step.sft import sft_step
 from rlhf_jax.tasks import reviews
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def demo_config(workdir: str = "runs/demo"):
     c.train.num_iterations = 80
     # The controller's horizon is short on purpose: with 64 samples an iteration it can move the
     # coefficient by up to 2.5% per iteration, enough to hold the KL near its target within a short run.
-    c.ppo.update(kl_coef=0.2, adaptive_kl=True, kl_target=4.0, kl_horizon=500.0, kl_estimator="k1",
+    c.rl.update(kl_coef=0.2, adaptive_kl=True, kl_target=4.0, kl_horizon=500.0, kl_estimator="k1",
                  num_ppo_epochs=4, num_mini_batches=2, vf_coef=0.1, gamma=1.0, lam=0.95,
                  missing_eos_penalty=1.0)
     c.optim.update(learning_rate=1e-3, max_grad_norm=1.0)
@@ -100,7 +100,7 @@ def warm_up(workdir: str, tokenizer, steps: int = 300, batch: int = 64, seed: in
 
 def evaluate(trainer, policy_params, n_batches: int = 4, seed: int = 1234, graphdef=None) -> dict:
     """Mean reward, KL to the reference (sum of k1 over tokens), valid share and samples on fixed prompts."""
-    from rlhf_jax.data import tokenize_prompts
+    from rlhf_jax.run.data import tokenize_prompts
 
     prompts = reviews.sample_prompts(trainer.config.train.rollout_batch_size * n_batches, seed=seed)
     ids, mask, texts, _ = tokenize_prompts(prompts, trainer.tokenizer, trainer.config.data.max_prompt_len)
@@ -150,24 +150,20 @@ def run_demo(workdir: str, num_iterations: int | None = None, sft_steps: int = 3
     """Warm-up (cached), PPO, summary. Returns the before/after numbers."""
     from transformers import AutoTokenizer
 
-    from rlhf_jax.train import train
+    from rlhf_jax.run.loop import train
 
     t_start = time.time()
     os.makedirs(workdir, exist_ok=True)
     config = demo_config(workdir)
-    for key, value in (overrides or {}).items():  # dotted config keys: "ppo.kl_coef", "seed"
-        *path, name = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[name] = value
+    for key, value in (overrides or {}).items():  # dotted config keys: "rl.kl_coef", "seed"
+        set_key(config, key, value)
     if num_iterations:
         config.train.num_iterations = num_iterations
     config.logging.progress = not quiet
     tokenizer = AutoTokenizer.from_pretrained(reviews.build_tokenizer(os.path.join(workdir, "tokenizer")))
     warm_up(workdir, tokenizer, steps=sft_steps)
     print(f"[demo] PPO: {config.train.num_iterations} iterations of {config.train.rollout_batch_size} "
-          f"responses, adaptive KL (target {config.ppo.kl_target})")
+          f"responses, adaptive KL (target {config.rl.kl_target})")
     trainer, state, history = train(config, os.path.join(workdir, "ppo"),
                                     extra_metrics={"task/valid_frac": valid_fraction})
     before = evaluate(trainer, trainer.ref_params, graphdef=trainer.ref_graphdef)  # the original model
@@ -200,9 +196,9 @@ def main():
     logging.basicConfig(level=logging.WARNING)
     overrides = {}
     if args.kl_coef is not None:
-        overrides["ppo.kl_coef"] = args.kl_coef
+        overrides["rl.kl_coef"] = args.kl_coef
     if args.fixed_kl:
-        overrides["ppo.adaptive_kl"] = False
+        overrides["rl.adaptive_kl"] = False
     run_demo(args.workdir, args.iterations, overrides=overrides)
 
 

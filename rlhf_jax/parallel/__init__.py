@@ -1,0 +1,1 @@
+"""Parallelism: device meshes, partition rules for parameters and activations, fused attention."""

@@ -1,0 +1,3 @@
+from rlhf_jax.plan.cli import run
+
+run()
