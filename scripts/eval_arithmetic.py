@@ -30,7 +30,9 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.models import load_pretrained  # noqa: E402
+from rlhf_jax.run.cli import user_errors  # noqa: E402
 from rlhf_jax.run.data import as_messages, read_prompts, tokenize_prompts  # noqa: E402
+from rlhf_jax.run.loading import check_path  # noqa: E402
 from rlhf_jax.sampling.generate import generate  # noqa: E402
 from rlhf_jax.tasks.arithmetic import exact_match_reward, parse_answer  # noqa: E402
 
@@ -45,7 +47,14 @@ def main() -> None:
     parser.add_argument("--max_prompt_len", type=int, default=144)
     parser.add_argument("--pad_token", default="<|endoftext|>", help="as the config's tokenizer.pad_token")
     args = parser.parse_args()
+    with user_errors():
+        check_path("--model", args.model, "model")
+        check_path("--model", args.model, "tokenizer")
+        check_path("--problems", args.problems, "file")
+        evaluate(args)
 
+
+def evaluate(args) -> None:
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"

@@ -8,6 +8,8 @@ WORKDIR is a training workdir (it holds metrics.jsonl), e.g. runs/demo/ppo.
 import argparse
 import os
 
+from rlhf_jax.run.cli import user_errors
+from rlhf_jax.run.loading import check_path
 from rlhf_jax.tasks.demo import plot_metrics
 
 
@@ -16,9 +18,10 @@ def main():
     parser.add_argument("workdir")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if not os.path.exists(os.path.join(args.workdir, "metrics.jsonl")):
-        parser.error(f"no metrics.jsonl in {args.workdir!r} (for the demo, pass runs/demo/ppo)")
-    print(plot_metrics(args.workdir, args.out))
+    with user_errors():
+        check_path("WORKDIR", args.workdir)
+        check_path("WORKDIR", os.path.join(args.workdir, "metrics.jsonl"), "file")  # the demo's: runs/demo/ppo
+        print(plot_metrics(args.workdir, args.out))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,12 @@ def main():
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    from rlhf_jax.run.cli import user_errors
+    with user_errors():  # a config file or model folder that is not there: one line
+        measure(args)
+
+
+def measure(args) -> None:
     from rlhf_jax.run.trainer import RLTrainer
 
     for dtype in args.dtypes:

@@ -3,10 +3,29 @@ dotted overrides (`--config=path --config.rl.kl_coef=0.1`) loaded by `rlhf_jax.c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from typing import Callable
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Mistakes a user can fix (a config value, a path, a model folder) print one line and exit 2; a
+    reward function that returned the wrong kind of value prints one line and exits 1. Every command
+    line, the scripts' included, runs its work under this; other exceptions keep their traceback."""
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.models.hf import CheckpointError
+    from rlhf_jax.run.loading import UserCodeError
+    try:
+        yield
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except UserCodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -41,8 +60,7 @@ def run_cli(main: Callable, config_help: str, extra_flags: Callable | None = Non
 
     from absl import app, flags
 
-    from rlhf_jax.config import ConfigError, load_config
-    from rlhf_jax.models.hf import CheckpointError
+    from rlhf_jax.config import load_config
 
     flags.DEFINE_string("config", None, config_help)
     if workdir:
@@ -52,30 +70,21 @@ def run_cli(main: Callable, config_help: str, extra_flags: Callable | None = Non
     flags.mark_flags_as_required(["config", "workdir"] if workdir else ["config"])
     argv, overrides = split_config_args(sys.argv)
 
-    def fail(message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
     def _main(argv):
         del argv
         from absl import logging as absl_logging
         # Orbax narrates every save at INFO through absl: keep warnings, and our own INFO lines.
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("rlhf_jax").setLevel(logging.INFO)
-        try:
-            config = load_config(flags.FLAGS.config, overrides)
-        except ConfigError as e:
-            fail(str(e))
-        args = (config,)
-        if workdir:
-            try:
-                os.makedirs(flags.FLAGS.workdir, exist_ok=True)
-            except OSError as e:
-                fail(f"--workdir={flags.FLAGS.workdir}: cannot create it ({e.strerror})")
-            args += (flags.FLAGS.workdir,)
-        try:
+        with user_errors():
+            args = (load_config(flags.FLAGS.config, overrides),)
+            if workdir:
+                try:
+                    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
+                except OSError as e:
+                    print(f"error: --workdir={flags.FLAGS.workdir}: cannot create it ({e.strerror})", file=sys.stderr)
+                    sys.exit(2)
+                args += (flags.FLAGS.workdir,)
             main(*args)
-        except (ConfigError, CheckpointError, FileNotFoundError) as e:
-            fail(str(e))
 
     app.run(_main, argv=argv)

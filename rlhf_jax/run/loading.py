@@ -45,28 +45,46 @@ def load_callable(spec: str, key: str = "config.reward.function") -> Callable:
     return value
 
 
+class UserCodeError(RuntimeError):
+    """The user's code (a reward function) broke its contract without raising: one line, exit status 1."""
+
+
+def check_path(key: str, path: str, kind: str = "folder") -> None:
+    """A ConfigError naming `key` (a config key or a command-line flag) unless `path` is a local `kind`:
+    "file", "folder", "model" (a Hugging Face folder this library reads: config.json of a supported
+    model_type and safetensors weights) or "tokenizer" (a folder with a tokenizer's files). Every entry
+    point checks the paths it is given here before anything loads: a typo is one line, never a hub
+    lookup (nothing contacts a hub)."""
+    if kind == "file":
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key} = {path!r}: no such file")
+        return
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key} = {path!r}: no such folder (a local folder; nothing is downloaded from a hub)")
+    if kind == "model":
+        config_from_hf(read_hf_config(path))  # a supported model_type, or the field named
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in weights):
+            raise ConfigError(f"{key} = {path!r}: no model.safetensors (or its index) in it; only "
+                              "safetensors weights are read")
+    elif kind == "tokenizer" and not any(os.path.isfile(os.path.join(path, f))
+                                         for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ConfigError(f"{key} = {path!r}: no tokenizer in it (tokenizer.json or tokenizer_config.json)")
+
+
 def check_folders(config) -> None:
-    """Every local folder the config names exists and, for a model, is a Hugging Face folder this
-    library reads (config.json of a supported type, safetensors weights): checked before anything
-    loads, so that a typo is one line, never a download attempt (nothing contacts a hub)."""
+    """Every local folder the config names (`check_path`): a model folder a Hugging Face folder this
+    library reads; checked before anything loads."""
     c = config
-    folders = {"config.model.path": c.model.path, "config.tokenizer.path": c.tokenizer.path,
-               "config.model.reference_path": c.model.reference_path, "config.model.value_path": c.model.value_path,
-               "config.lora.adapter_path": c.lora.adapter_path}
+    paths = {"config.model.path": (c.model.path, "model"), "config.tokenizer.path": (c.tokenizer.path, "tokenizer"),
+             "config.model.reference_path": (c.model.reference_path, "model"),
+             "config.model.value_path": (c.model.value_path, "model"),
+             "config.lora.adapter_path": (c.lora.adapter_path, "folder")}
     if c.reward.kind == "model":
-        folders["config.reward.model_path"] = c.reward.model_path
-    for key, path in folders.items():
-        if path and not os.path.isdir(path):
-            raise ConfigError(f"{key} = {path!r}: no such folder (a local folder; nothing is downloaded from a hub)")
-    for key in ("config.model.path", "config.model.reference_path", "config.model.value_path",
-                "config.reward.model_path"):
-        path = folders.get(key)
+        paths["config.reward.model_path"] = (c.reward.model_path, "model")
+    for key, (path, kind) in paths.items():
         if path:
-            config_from_hf(read_hf_config(path))  # a supported model_type, or the field named
-            if not any(os.path.isfile(os.path.join(path, f))
-                       for f in ("model.safetensors", "model.safetensors.index.json")):
-                raise ConfigError(f"{key} = {path!r}: no model.safetensors (or its index) in it; only "
-                                  "safetensors weights are read")
+            check_path(key, path, kind)
 
 
 def builtin_task(config) -> ModuleType:
@@ -122,6 +140,9 @@ def load_tokenizer(config, workdir: str | None):
     if config.tokenizer.pad_token:
         tokenizer.pad_token = config.tokenizer.pad_token
     validate_tokenizer(tokenizer)
+    if config.data.chat_template and not tokenizer.chat_template:
+        raise ConfigError(f"config.data.chat_template = True: the tokenizer in {path!r} has no chat template "
+                          "(use one that has, or leave the prompts as they are with chat_template = False)")
     return tokenizer
 
 

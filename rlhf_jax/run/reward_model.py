@@ -24,7 +24,7 @@ from flax import nnx
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models import CausalLM, ScalarModel, load_pretrained, read_hf_config, save_pretrained
-from rlhf_jax.run.loading import builtin_task
+from rlhf_jax.run.loading import builtin_task, check_path
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,11 @@ def train_reward_model(config, workdir: str) -> dict:
 
     if not config.model.path:
         raise ConfigError("config.model.path: the reward model starts from an HF folder (e.g. the SFT model)")
+    check_path("config.model.path", config.model.path, "model")
+    if config.tokenizer.path:
+        check_path("config.tokenizer.path", config.tokenizer.path, "tokenizer")
+    else:
+        check_path("config.model.path", config.model.path, "tokenizer")  # the tokenizer comes from there too
     if not 0 < config.data.eval_fraction < 1:
         raise ConfigError(f"config.data.eval_fraction = {config.data.eval_fraction}: must be in (0, 1)")
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer.path or config.model.path)

@@ -15,6 +15,7 @@ everything a resumed run needs to continue exactly.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import time
 from typing import Callable
@@ -30,7 +31,7 @@ from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.parallel.attention import validate_attention
 from rlhf_jax.parallel.sharding import BATCH_AXES, batch_sharding, make_mesh, replicated, state_shardings
 from rlhf_jax.run.data import PromptIterator
-from rlhf_jax.run.loading import check_folders, load_callable, load_models, load_prompts, load_tokenizer
+from rlhf_jax.run.loading import UserCodeError, check_folders, load_callable, load_models, load_prompts, load_tokenizer
 from rlhf_jax.sampling.generate import generate, validate_decode_layout
 from rlhf_jax.sampling.rollout import join, make_rollout, sequence_logprobs
 from rlhf_jax.step.state import TrainState, init_train_state, make_optimizer
@@ -209,12 +210,7 @@ class RLTrainer:
         return self.local_rows(self._reward_scores(self.rm_params, ids, mask))
 
     def _call_reward(self, prompts, responses) -> np.ndarray:
-        raw = self.reward_fn(prompts, responses)
-        scores = np.asarray(raw, dtype=np.float32)
-        if scores.shape != (len(prompts),):
-            raise ValueError(f"config.reward.function returned {len(raw) if hasattr(raw, '__len__') else raw!r} "
-                             f"values for {len(prompts)} responses")
-        return scores
+        return check_rewards(self.reward_fn(prompts, responses), len(prompts), self.config.reward.function)
 
     # ---------------------------------------------------------------- one iteration
     def iteration(self, state: TrainState, want_samples: bool = False):
@@ -318,3 +314,27 @@ class RLTrainer:
 def _row_kl(logprobs, ref_logprobs, response_mask):
     """Per-row sum over response tokens of log pi(y) - log pi_ref(y) (k1), on device."""
     return jnp.sum((logprobs - ref_logprobs) * response_mask, axis=1)
+
+
+def check_rewards(raw, n: int, source: str) -> np.ndarray:
+    """A reward function's result as f32[n]: a list, tuple or 1-D array of exactly one real number per
+    response (bools count as 0 and 1). Anything else (a string, even a numeric one, None, a nested
+    list, too few or too many values) is a UserCodeError naming `source` (the reward function), the
+    first offending response and what it returned there."""
+    def refuse(what: str):
+        raise UserCodeError(f"config.reward.function = {source!r} must return one real number per response; "
+                            f"it returned {what}")
+    if isinstance(raw, np.ndarray):
+        if raw.ndim != 1 or raw.dtype.kind not in "biuf":
+            refuse(f"an array of shape {raw.shape} and dtype {raw.dtype} for {n} responses")
+        values = raw
+    elif isinstance(raw, (list, tuple)):
+        for i, value in enumerate(raw):
+            if not isinstance(value, (numbers.Real, np.bool_)):
+                refuse(f"a {type(value).__name__} for response {i} ({value!r:.60})")
+        values = raw
+    else:
+        refuse(f"a {type(raw).__name__} ({raw!r:.60}), not a list of numbers")
+    if len(values) != n:
+        refuse(f"{len(values)} values for {n} responses")
+    return np.asarray(values, dtype=np.float32)
