@@ -90,8 +90,10 @@ def make_loss(config, fwd: TrainingForward, frozen, kl_coef) -> Callable:
     sampler did), minus `rl.ent_coef` x the entropy, plus `rl.vf_coef` x the clipped value loss with
     a critic, plus `kl_coef` x the KL penalty when it is in the loss (`rl.kl_in_loss`).
 
-    The minibatch holds response_ids, loss_mask, logprobs (old), advantages; values and returns with
-    a critic; ref_logprobs with the KL in the loss; sampler_weights with a sampler correction.
+    The minibatch holds response_ids, response_mask, logprobs (old), advantages; loss_mask where
+    groups without signal are masked out (`rl.mask_zero_std_groups`; else the response mask counts);
+    values and returns with a critic; ref_logprobs with the KL in the loss; sampler_weights with a
+    sampler correction.
     """
     p, critic = config.rl, fwd.value_head
     forward, head = fwd.forward(frozen), fwd.head(frozen)
@@ -101,7 +103,7 @@ def make_loss(config, fwd: TrainingForward, frozen, kl_coef) -> Callable:
         outputs, values = forward(params, mb)
         logprobs, token_entropy = lm_token_stats(outputs, mb["response_ids"], temperature=fwd.temperature,
                                                  head=lambda h: head(params, h), logits_chunk=fwd.logits_chunk)
-        mask = mb["loss_mask"]
+        mask = mb["loss_mask"] if "loss_mask" in mb else mb["response_mask"].astype(bool)
         pg, pg_stats = clipped_surrogate(logprobs, mb["logprobs"], mb["advantages"], mask, clip_low=p.cliprange,
                                          clip_high=p.cliprange_high or p.cliprange, level=p.ratio_level,
                                          aggregation=p.loss_aggregation, max_len=config.sampling.max_new_tokens,
@@ -189,8 +191,9 @@ def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=No
         zero_std = adv_lib.zero_std_groups(scores, group) if group > 1 else jnp.zeros(scores.shape, bool)
         weights, sampling_metrics = sampler_weights(old_logprobs, rollout.logprobs, mask, p.sampler_correction,
                                                     p.sampler_correction_cap)
-        batch.update(logprobs=old_logprobs, advantages=advantages,
-                     loss_mask=mask & ~zero_std[:, None] if p.mask_zero_std_groups else mask)
+        batch.update(logprobs=old_logprobs, advantages=advantages)
+        if p.mask_zero_std_groups:
+            batch["loss_mask"] = mask & ~zero_std[:, None]
         if critic:
             batch.update(values=values, returns=returns)
         if use_ref and p.kl_in_loss:
@@ -201,20 +204,22 @@ def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=No
             state.params, state.opt_state, batch, update_key, loss_fn=make_loss(config, fwd, frozen, kl_coef),
             optimizer=optimizer, num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches,
             shard_minibatch=fwd.shard_batch, group=share)
-        non_score = jnp.where(mask, -reward_kl_coef * kl, 0.0)
-        metrics = {**rollout_metrics(scores, kl, non_score, old_logprobs, mask), **stats, **sampling_metrics}
-        lengths = rollout.lengths.astype(jnp.float32)
-        ended = jnp.any(jnp.isin(rollout.response_ids, jnp.asarray(eos_ids, jnp.int32)) & mask, axis=1)
-        metrics.update({
-            "reward/mean": jnp.mean(raw), "reward/std": jnp.std(raw, ddof=1),
-            "frac_reward_zero_std": jnp.mean(zero_std.astype(jnp.float32)),
-            "completions/mean_length": jnp.mean(lengths),
-            "completions/clipped_ratio": jnp.mean(~ended if eos_ids else jnp.ones(lengths.shape, bool)),
-            "kl": masked_mean(kl, mask), "objective/kl_coef": kl_coef,
-        })
-        if critic:
+        metrics = {**stats, **sampling_metrics, "objective/kl_coef": kl_coef}
+        if critic:  # TRL's PPOTrainer's
+            non_score = jnp.where(mask, -reward_kl_coef * kl, 0.0)
+            metrics.update(rollout_metrics(scores, kl, non_score, old_logprobs, mask))
             metrics["val/mean"] = jnp.sum(values) / jnp.maximum(mask.sum(), 1)
             metrics["val/returns_mean"] = jnp.sum(returns) / jnp.maximum(mask.sum(), 1)
+        else:  # TRL's GRPOTrainer's
+            lengths = rollout.lengths.astype(jnp.float32)
+            ended = jnp.any(jnp.isin(rollout.response_ids, jnp.asarray(eos_ids, jnp.int32)) & mask, axis=1)
+            metrics.update({
+                "reward/mean": jnp.mean(raw), "reward/std": jnp.std(raw, ddof=1),
+                "frac_reward_zero_std": jnp.mean(zero_std.astype(jnp.float32)),
+                "completions/mean_length": jnp.mean(lengths),
+                "completions/clipped_ratio": jnp.mean(~ended if eos_ids else jnp.ones(lengths.shape, bool)),
+                "kl": masked_mean(kl, mask), "objective/kl": jnp.mean(jnp.sum(kl, axis=1)),
+                "objective/scores": jnp.mean(scores)})
         new_kl = kl_lib.update_kl_controller(state.kl, metrics["objective/kl"], scores.shape[0])
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, kl=new_kl, key=key,
                                   score_stats=score_stats)

@@ -19,8 +19,9 @@ from tests.common import ROOT
 
 
 def tiny_config(**overrides):
-    return common.config(logging__progress=False, logging__tensorboard=False, checkpoint__every=0,
-                         checkpoint__async_save=False, **overrides)
+    defaults = dict(logging__progress=False, logging__tensorboard=False, checkpoint__every=0,
+                    checkpoint__async_save=False)
+    return common.config(**{**defaults, **overrides})
 
 
 def test_tiny_run_raises_reward_with_bounded_kl(tmp_path):
