@@ -60,7 +60,7 @@ def run_cli(main: Callable, config_help: str, extra_flags: Callable | None = Non
 
     from absl import app, flags
 
-    from rlhf_jax.config import load_config
+    from rlhf_jax.config import ConfigError, load_config
 
     flags.DEFINE_string("config", None, config_help)
     if workdir:
@@ -82,8 +82,7 @@ def run_cli(main: Callable, config_help: str, extra_flags: Callable | None = Non
                 try:
                     os.makedirs(flags.FLAGS.workdir, exist_ok=True)
                 except OSError as e:
-                    print(f"error: --workdir={flags.FLAGS.workdir}: cannot create it ({e.strerror})", file=sys.stderr)
-                    sys.exit(2)
+                    raise ConfigError(f"--workdir={flags.FLAGS.workdir}: cannot create it ({e.strerror})") from None
                 args += (flags.FLAGS.workdir,)
             main(*args)
 

@@ -180,7 +180,7 @@ def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=No
         separate_critic = critic and value_graphdef is not None
         scored = fwd.score(state.params, frozen, reference, batch, orders[0], policy=recompute,
                            values=critic and recompute or separate_critic,
-                           ref=use_ref) if (use_ref or recompute or separate_critic) else {}
+                           ref=use_ref) if use_ref or recompute else {}  # a critic always runs the reference
         old_logprobs = scored["logprobs"] if recompute else rollout.logprobs
         kl = (jnp.where(mask, estimator(old_logprobs, scored["ref_logprobs"]), 0.0) if use_ref
               else jnp.zeros(mask.shape, jnp.float32))
