@@ -8,7 +8,8 @@ The package in layers, lowest first; a module imports only from the layers befor
                      the minibatch loop (never reads a config)
   models             Flax NNX decoders, heads, LoRA, Hugging Face weights in and out
   parallel           meshes, partition rules, activation constraints, fused attention kernels
-  sampling           the decode loop (`generate`) and the rollout
+  sampling           the decode loops (`generate`, static; `continuous_generate`, continuous
+                     batching) and the rollout
   step               the train state, the training forward, the update of every algorithm
   run                the trainer and its host loop, data, loading, checkpoints, metrics, process setup
   plan               compiling a run for a TPU slice from shapes: AOT, HLO counts, roofline
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "base_config": "rlhf_jax.config", "load_config": "rlhf_jax.config",
-    "generate": "rlhf_jax.sampling.generate",
+    "generate": "rlhf_jax.sampling.generate", "continuous_generate": "rlhf_jax.sampling.engine",
     "Rollout": "rlhf_jax.sampling.rollout", "make_rollout": "rlhf_jax.sampling.rollout",
     "TrainState": "rlhf_jax.step.state", "init_train_state": "rlhf_jax.step.state",
     "make_optimizer": "rlhf_jax.step.state",

@@ -88,9 +88,14 @@ def base_config() -> ml_collections.ConfigDict:
     # of the weights for the decode loop, the cache split by KV heads; needs shard_cache) or "auto"
     # ("tensor" on more than one model device where the heads split evenly), see
     # rlhf_jax.sampling.generate.generate
+    # engine: "static" (every row decodes until the batch's last EOS), "continuous" (`slots` rows decode
+    # at a time and a finished row's slot takes the next request, `refill` requests joining at once;
+    # 0: half the rows, the prompt group; see rlhf_jax.sampling.engine) or "auto" (continuous where
+    # rows can end early and max_new_tokens >= 128, static otherwise: rlhf_jax.sampling.rollout.engine_shape)
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
                                                 shard_cache=True, shard_prefill=True, decode_segments=1,
-                                                decode_layout="auto"))
+                                                decode_layout="auto", engine="auto", slots=0, refill=0,
+                                                tail_halvings=2))
 
     # The update's options, for every algorithm (the section was called `ppo` before GRPO and the others
     # joined: a config or override that says config.ppo.* stops with one line naming config.rl.*).
@@ -243,6 +248,7 @@ _CHOICES = {
     "model.attention": options.ATTENTION_KERNELS,
     "model.builtin.family": options.FAMILIES,
     "sampling.decode_layout": options.DECODE_LAYOUTS,
+    "sampling.engine": options.ENGINES,
     "reward.kind": options.REWARD_KINDS,
     "reward.normalize": options.REWARD_NORMALIZATIONS,
     "data.truncation": options.TRUNCATIONS,
@@ -299,6 +305,8 @@ def validate(config, num_devices: int = 1) -> None:
                           "hidden_size / num_heads")
     _positive(config, "model.logits_chunk", allow_zero=True)
     _positive(config, "sampling.decode_segments")
+    for key in ("slots", "refill", "tail_halvings"):
+        _positive(config, f"sampling.{key}", allow_zero=True)
     if config.sampling.decode_layout == "tensor" and not config.sampling.shard_cache:
         raise ConfigError("config.sampling.decode_layout = 'tensor' needs config.sampling.shard_cache = True")
     if config.model.logits_chunk and config.sampling.max_new_tokens % config.model.logits_chunk:

@@ -12,6 +12,7 @@ REMAT_MODES = ("none", "full", "dots")
 ATTENTION_KERNELS = ("xla", "splash", "cudnn")
 
 DECODE_LAYOUTS = ("auto", "batch", "tensor")
+ENGINES = ("auto", "static", "continuous")  # sampling.engine
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token", "sequence", "constant")  # "constant" (Dr. GRPO) only without a critic

@@ -3,6 +3,7 @@ with the peers' harnesses (TRL, Tunix) in benchmarks/peers. The last line printe
 
     python scripts/benchmark.py --preset small                 # 4 layers, width 256, 4 heads
     python scripts/benchmark.py --preset large                 # 6 layers, width 512, 8 heads
+    python scripts/benchmark.py --preset smollm2               # SmolLM2-135M's shape, random weights
     python scripts/benchmark.py --preset small --value_model shared
     python scripts/benchmark.py --preset small --peers --rounds 3   # ours, TRL, Tunix alternating
     python scripts/benchmark.py --preset small --algorithm grpo --peers --rounds 3   # GRPO, 8 prompts x 4
@@ -38,7 +39,9 @@ import time
 
 from rlhf_jax.run.runtime import tune_process
 
-PRESETS = {"small": dict(layers=4, width=256, heads=4), "large": dict(layers=6, width=512, heads=8)}
+PRESETS = {"small": dict(layers=4, width=256, heads=4), "large": dict(layers=6, width=512, heads=8),
+           # SmolLM2-135M's shape (random weights): where the toy presets hide the head, GQA and the cache.
+           "smollm2": dict(layers=30, width=576, heads=9, vocab=49152, family="smollm2")}
 
 
 def build_assets(root: str, args) -> tuple[str, str, str]:
@@ -79,6 +82,9 @@ def make_config(args, tok_dir, rm_dir, prompts):
     c = base_config()
     c.model.builtin.update(family="gpt2", hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
                            max_position_embeddings=args.prompt_len + args.response_len)
+    if args.family == "smollm2":
+        c.model.builtin.update(family="llama", num_kv_heads=3, intermediate_size=1536, rope_theta=100000.0,
+                               norm_eps=1e-5)
     if args.family == "qwen3":
         # Tunix's harness model: Qwen3 blocks (query/key norms, gated MLP of 4 x width), untied head.
         c.model.builtin.update(family="llama", qk_norm=True, num_kv_heads=args.heads, intermediate_size=4 * args.width,
@@ -218,7 +224,7 @@ def main():
     parser.add_argument("--layers", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--heads", type=int)
-    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--vocab", type=int)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--response_len", type=int, default=32)
@@ -226,7 +232,7 @@ def main():
     parser.add_argument("--algorithm", choices=["ppo", "grpo"], default="ppo",
                         help="grpo: --batch responses, --generations per prompt, a Python reward, no value model")
     parser.add_argument("--generations", type=int, default=4, help="with --algorithm grpo: samples per prompt")
-    parser.add_argument("--family", choices=["gpt2", "qwen3"], default="gpt2",
+    parser.add_argument("--family", choices=["gpt2", "qwen3", "smollm2"],
                         help="gpt2: TRL's harness model; qwen3: Tunix's (with --peers each peer meets its own)")
     parser.add_argument("--value_model", choices=["separate", "shared"], default="separate")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -241,9 +247,11 @@ def main():
                         help="run the planner on this config instead: its roofline estimate beside measured seconds")
     parser.add_argument("--_ours_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for key, value in PRESETS[args.preset].items():
+    for key, value in {"vocab": 1024, "family": "gpt2", **PRESETS[args.preset]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.peers and args.family == "smollm2":
+        sys.exit("--peers: the peers' harnesses build GPT-2 and Qwen3 models; run the smollm2 shape without --peers")
     if args.plan:
         print(json.dumps(run_plan(args)))
         return

@@ -144,6 +144,15 @@ def sampler_weights(trainer_logprobs, sampler_logprobs, mask, mode: str = "none"
     return jax.lax.stop_gradient(jnp.where(mask, weights, 0.0)), metrics
 
 
+def truncation_metrics(gap, mask):
+    """`sampling/truncation_logp_gap/{mean,max}` over the response tokens: how much higher each sampled
+    token's log-prob is under the top-k / top-p distribution it was drawn from than under the full one
+    the trainer scores (-log of the mass the filters kept), a part of `sampling_logp_difference`."""
+    mask = mask.astype(bool)
+    return {"sampling/truncation_logp_gap/mean": masked_mean(gap, mask),
+            "sampling/truncation_logp_gap/max": jnp.max(jnp.where(mask, gap, 0.0))}
+
+
 def rollout_metrics(scores, kl, non_score_rewards, logprobs, mask):
     """The `objective/*` metrics of one rollout (TRL's definitions: sums over tokens, means over rows).
 

@@ -33,7 +33,7 @@ from rlhf_jax.parallel.sharding import BATCH_AXES, batch_sharding, make_mesh, re
 from rlhf_jax.run.data import PromptIterator
 from rlhf_jax.run.loading import UserCodeError, check_folders, load_callable, load_models, load_prompts, load_tokenizer
 from rlhf_jax.sampling.generate import generate, validate_decode_layout
-from rlhf_jax.sampling.rollout import join, make_rollout, sequence_logprobs
+from rlhf_jax.sampling.rollout import engine_shape, join, make_rollout, sequence_logprobs
 from rlhf_jax.step.state import TrainState, init_train_state, make_optimizer
 from rlhf_jax.step.update import make_update
 
@@ -66,6 +66,7 @@ class RLTrainer:
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.shared_value = uses_value(config) and config.model.value_model == "shared"
         self.lora = bool(config.lora.enabled)
+        engine_shape(config, self.mesh, has_eos=True)  # a shape that does not fit stops before any model loads
 
         models = load_models(config, self.mesh, len(self.tokenizer))
         validate_lengths(config, models.policy_config.max_position_embeddings)

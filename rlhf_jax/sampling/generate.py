@@ -9,9 +9,10 @@ loop, so a call is a pure function of its key. Nothing synchronises with the hos
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,21 +49,34 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     return logits
 
 
-def sample_token(logits, uniform, temperature: float, top_k: int, top_p: float):
-    """Draw one token per row; return (token int32[b], its logprob f32[b]).
+def truncates(temperature: float, top_k: int, top_p: float) -> bool:
+    """Whether sampling draws from a truncated distribution (top-k or top-p at temperature > 0)."""
+    return temperature > 0 and (top_k > 0 or top_p < 1.0)
+
+
+def sample_token(logits, uniform, temperature: float, top_k: int, top_p: float, with_gap: bool = False):
+    """Draw one token per row; return (token int32[b], its logprob f32[b]) (and, with `with_gap`, the
+    truncation gap f32[b]).
 
     uniform: f32[b] in [0, 1), the row's random number (`jax.random.uniform(key, (b,))`).
     The logprob is under the distribution the token was drawn from: logits /
     temperature, filtered. temperature == 0 is greedy (logprob under the raw logits;
-    `uniform` is unused).
+    `uniform` is unused). The gap is that logprob minus the token's log-prob under the unfiltered
+    logits / temperature, which the trainer scores: -log(the probability mass the filters kept), 0
+    without filters.
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return token, token_logprobs(logits, token)
-    scaled = filter_logits(logits / temperature, top_k, top_p)
-    token = categorical(uniform, scaled)
-    return token, token_logprobs(scaled, token)
+        logprob = token_logprobs(logits, token)
+        return (token, logprob, jnp.zeros_like(logprob)) if with_gap else (token, logprob)
+    scaled = logits / temperature
+    filtered = filter_logits(scaled, top_k, top_p)
+    token = categorical(uniform, filtered)
+    logprob = token_logprobs(filtered, token)
+    if not with_gap:
+        return token, logprob
+    return token, logprob, logprob - token_logprobs(scaled, token)
 
 
 def categorical(uniform, logits):
@@ -175,6 +189,106 @@ def tensor_parallel_copy(params, mesh, cfg):
     return jax.lax.with_sharding_constraint(params, param_shardings(params, mesh, decode=True))
 
 
+def request_uniforms(key, requests: int, steps: int):
+    """The random numbers of a call, f32[steps, requests]: request r's token t is drawn with [t, r]
+    (`categorical`), whichever row, slot or step of a loop samples it: the static sampler and the
+    continuous-batching engine give the same samples from the same key."""
+    return jax.random.uniform(key, (steps, requests))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How a sampler runs the model on a mesh (`decoding`): the prefill's model and pins, the decode
+    loop's model (a tensor-parallel copy, or the same) and pins, how the KV cache is pinned (`pin`),
+    and `logits_of(hidden) -> f32 logits` laid out by rows for the sampler."""
+
+    model: nnx.Module
+    decoder: nnx.Module
+    pin: Callable
+    decode_pins: Pins
+    cache_write: Callable | None
+    logits_of: Callable
+    batch_mesh: object
+    shard_prefill: bool
+    row_unit: int = 1  # the devices the decode loop's rows split over (its row counts are multiples)
+
+    def prefill(self, prompt_ids, prompt_mask, cache_len: int, prompt_group: int = 1):
+        """Run the prompts (left-padded, int32[b, prompt_len]) into a fresh cache of `cache_len` slots
+        per row; return (the hidden state at each row's last prompt token f[b, d], the cache).
+        prompt_group: rows hold each prompt that many times in a row; each is run once and its cache
+        repeated."""
+        if prompt_group > 1:
+            prompt_ids, prompt_mask = prompt_ids[::prompt_group], prompt_mask[::prompt_group]
+        cfg = self.model.cfg
+        cache = self.pin(init_cache(cfg, prompt_ids.shape[0], cache_len))
+        rows = self.batch_mesh is not None and self.shard_prefill and not (
+            prompt_ids.shape[0] % (self.batch_mesh.shape["data"] * self.batch_mesh.shape["fsdp"]))
+        pins = Pins(residual=batch_constraint(self.batch_mesh) if rows else None, cache_write=self.cache_write)
+        hidden, cache = self.model.backbone(prompt_ids, prompt_mask, cache,
+                                            output_index=last_token_index(prompt_mask)[:, None], pins=pins,
+                                            fresh_cache=True)
+        hidden = hidden[:, 0]
+        if prompt_group > 1:
+            hidden = jnp.repeat(hidden, prompt_group, axis=0)
+            cache = self.pin(_repeat_rows(cache, prompt_group, cfg.scan_layers))
+        return hidden, cache
+
+
+def decoding(graphdef, params, batch: int, cache_len: int, *, batch_mesh=None, decode_layout: str = "batch",
+             shard_prefill: bool = False) -> Decoding:
+    """The model of `nnx.split(model)` set up to sample `batch` rows with caches of `cache_len` slots
+    (see `generate` for `batch_mesh`, `decode_layout` and `shard_prefill`)."""
+    if decode_layout not in DECODE_LAYOUTS:
+        raise ValueError(f"decode_layout must be one of {DECODE_LAYOUTS}, got {decode_layout!r}")
+    model = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    if decode_layout != "batch" and batch_mesh is not None:
+        problem = tensor_decode_problem(cfg, batch_mesh, batch)
+        if decode_layout == "tensor" and problem:
+            raise ValueError(f'decode_layout="tensor": {problem}')
+        if decode_layout == "auto":
+            single = batch_mesh.shape["fsdp"] * batch_mesh.shape["tensor"] == 1
+            copy_free = _stored_wider(params, cfg.compute_dtype)
+            decode_layout = "tensor" if copy_free and not (problem or single) else "batch"
+    elif decode_layout == "tensor":
+        raise ValueError('decode_layout="tensor" needs a batch_mesh')
+    if cache_len > cfg.max_position_embeddings and cfg.family == "gpt2":
+        raise ValueError(
+            f"prompt_len + max_new_tokens = {cache_len} exceeds the model's "
+            f"max_position_embeddings = {cfg.max_position_embeddings}")
+
+    pin = (lambda tree: tree) if batch_mesh is None else functools.partial(_pin_cache, batch_mesh)
+    decoder, decode_pins, cache_write = model, NO_PINS, None
+    row_unit = 1 if batch_mesh is None else batch_mesh.shape["data"] * batch_mesh.shape["fsdp"]
+    if decode_layout == "tensor":
+        devices = batch_mesh.shape["fsdp"] * batch_mesh.shape["tensor"]
+        row_unit = batch_mesh.shape["data"] * devices // math.gcd(cfg.num_kv_heads, devices)
+        # The cache is laid out by heads from the start, and the prefill moves each layer's keys and
+        # values there as it writes them. Written by rows and resharded whole afterwards, both copies
+        # of the cache were alive at once (the NeMo-sized rollout needed 98.4 GiB per v5p chip, against
+        # 87.9); unpinned, XLA moved them in float32 from inside RoPE (22.1 against 15.9 GiB of
+        # collectives for the 8B's prefill on 16 chips).
+        decoder, pin, decode_pins, cache_write, by_vocab = _tensor_parallel_decoder(cfg, graphdef, params,
+                                                                                   batch_mesh)
+    elif batch_mesh is not None:
+        by_vocab = NamedSharding(batch_mesh, P(None, BATCH_AXES))
+
+    # The sampler works on rows: with a batch_mesh, the logits are made per vocabulary slice (as the
+    # head is sharded; pinned, else XLA gathers the whole head at every step), exchanged once, and each
+    # device samples its own rows, instead of every device filtering and summing the whole batch.
+    if batch_mesh is None:
+        logits_of = decoder.logits
+    else:
+        rows = batch_constraint(batch_mesh)
+        to_rows = lambda logits: rows(jax.lax.with_sharding_constraint(logits, by_vocab))
+        if decode_pins.residual is None:
+            logits_of = lambda h: to_rows(decoder.logits(h))
+        else:  # one matmul against each device's slice of the head, and the logits exchanged in bf16
+            logits_of = lambda h: decoder.logits(decode_pins.residual(h), constrain=to_rows)
+    return Decoding(model=model, decoder=decoder, pin=pin, decode_pins=decode_pins, cache_write=cache_write,
+                    logits_of=logits_of, batch_mesh=batch_mesh, shard_prefill=shard_prefill, row_unit=row_unit)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
@@ -230,81 +344,34 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
       logprobs: f32[batch, max_new_tokens], log-prob of each sampled token under the
         temperature-scaled, filtered distribution it came from (0 where masked);
       lengths: int32[batch], the number of response tokens (EOS included);
-      values: f32[batch, max_new_tokens] (only with `with_values`).
+      values: f32[batch, max_new_tokens] (only with `with_values`);
+      truncation_gap: f32[batch, max_new_tokens] (only with top-k or top-p filtering), each token's
+        logprob minus its log-prob under the unfiltered distribution (see `sample_token`).
     """
     eos_ids = tuple(eos_ids)
-    if decode_layout not in DECODE_LAYOUTS:
-        raise ValueError(f"decode_layout must be one of {DECODE_LAYOUTS}, got {decode_layout!r}")
-    model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_ids.shape
-    cfg = model.cfg
-    if decode_layout != "batch" and batch_mesh is not None:
-        problem = tensor_decode_problem(cfg, batch_mesh, batch)
-        if decode_layout == "tensor" and problem:
-            raise ValueError(f'decode_layout="tensor": {problem}')
-        if decode_layout == "auto":
-            single = batch_mesh.shape["fsdp"] * batch_mesh.shape["tensor"] == 1
-            copy_free = _stored_wider(params, cfg.compute_dtype)
-            decode_layout = "tensor" if copy_free and not (problem or single) else "batch"
-    elif decode_layout == "tensor":
-        raise ValueError('decode_layout="tensor" needs a batch_mesh')
-    if prompt_len + max_new_tokens > cfg.max_position_embeddings and cfg.family == "gpt2":
-        raise ValueError(
-            f"prompt_len + max_new_tokens = {prompt_len + max_new_tokens} exceeds the model's "
-            f"max_position_embeddings = {cfg.max_position_embeddings}")
+    sampler = decoding(graphdef, params, batch, prompt_len + max_new_tokens, batch_mesh=batch_mesh,
+                       decode_layout=decode_layout, shard_prefill=shard_prefill)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-
-    pin = (lambda tree: tree) if batch_mesh is None else functools.partial(_pin_cache, batch_mesh)
-    decoder, decode_pins, cache_write = model, NO_PINS, None
-    if decode_layout == "tensor":
-        # The cache is laid out by heads from the start, and the prefill moves each layer's keys and
-        # values there as it writes them. Written by rows and resharded whole afterwards, both copies
-        # of the cache were alive at once (the NeMo-sized rollout needed 98.4 GiB per v5p chip, against
-        # 87.9); unpinned, XLA moved them in float32 from inside RoPE (22.1 against 15.9 GiB of
-        # collectives for the 8B's prefill on 16 chips).
-        decoder, pin, decode_pins, cache_write, by_vocab = _tensor_parallel_decoder(cfg, graphdef, params,
-                                                                                   batch_mesh)
-    elif batch_mesh is not None:
-        by_vocab = NamedSharding(batch_mesh, P(None, BATCH_AXES))
     if batch % prompt_group:
         raise ValueError(f"prompt_group={prompt_group} does not divide the batch of {batch} rows")
-    if prompt_group > 1:
-        prompt_ids, prompt_mask = prompt_ids[::prompt_group], prompt_mask[::prompt_group]
-    cache = pin(init_cache(cfg, batch // prompt_group, prompt_len + max_new_tokens))
-    by_rows = batch_constraint(batch_mesh) if batch_mesh is not None and shard_prefill else None
-    prefill_pins = Pins(residual=by_rows, cache_write=cache_write)
-    hidden, cache = model.backbone(prompt_ids, prompt_mask, cache,
-                                   output_index=last_token_index(prompt_mask)[:, None], pins=prefill_pins,
-                                   fresh_cache=True)
-    hidden = hidden[:, 0]
-    if prompt_group > 1:
-        hidden = jnp.repeat(hidden, prompt_group, axis=0)
-        cache = pin(_repeat_rows(cache, prompt_group, cfg.scan_layers))
-    model = decoder
+    hidden, cache = sampler.prefill(prompt_ids, prompt_mask, prompt_len + max_new_tokens, prompt_group)
+    model, pin, decode_pins, logits_of = sampler.decoder, sampler.pin, sampler.decode_pins, sampler.logits_of
 
     # Drawn up front: inside the loop, XLA:CPU runs each threefry call as a rolled loop of its own
     # (about 2% of a small model's decoding).
-    uniforms = jax.random.uniform(key, (max_new_tokens, batch))
-
-    # The sampler works on rows: with a batch_mesh, the logits are made per vocabulary slice (as the
-    # head is sharded; pinned, else XLA gathers the whole head at every step), exchanged once, and each
-    # device samples its own rows, instead of every device filtering and summing the whole batch.
-    if batch_mesh is None:
-        logits_of = model.logits
-    else:
-        rows = batch_constraint(batch_mesh)
-        to_rows = lambda logits: rows(jax.lax.with_sharding_constraint(logits, by_vocab))
-        if decode_pins.residual is None:
-            logits_of = lambda h: to_rows(model.logits(h))
-        else:  # one matmul against each device's slice of the head, and the logits exchanged in bf16
-            logits_of = lambda h: model.logits(decode_pins.residual(h), constrain=to_rows)
+    uniforms = request_uniforms(key, batch, max_new_tokens)
+    with_gap = truncates(temperature, top_k, top_p)
 
     def emit(step, hidden, done, buffers):
-        token, logprob = sample_token(logits_of(hidden), uniforms[step], temperature, top_k, top_p)
+        token, logprob, *gap = sample_token(logits_of(hidden), uniforms[step], temperature, top_k, top_p,
+                                            with_gap=with_gap)
         live = ~done
         token = jnp.where(live, token, pad_id)
         columns = {"response_ids": token, "response_mask": live.astype(jnp.int32),
                    "logprobs": jnp.where(live, logprob, 0.0)}
+        if with_gap:
+            columns["truncation_gap"] = jnp.where(live, gap[0], 0.0)
         if with_values:
             columns["values"] = jnp.where(live, model.values(hidden), 0.0)
         buffers = {name: jax.lax.dynamic_update_slice(buf, columns[name][:, None].astype(buf.dtype), (0, step))
@@ -318,6 +385,8 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     }
     if with_values:
         buffers["values"] = jnp.zeros((batch, max_new_tokens), jnp.float32)
+    if with_gap:
+        buffers["truncation_gap"] = jnp.zeros((batch, max_new_tokens), jnp.float32)
     done = jnp.zeros((batch,), bool)
     token, live, done, buffers = emit(0, hidden, done, buffers)
 

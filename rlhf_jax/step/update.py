@@ -39,6 +39,7 @@ from rlhf_jax.core.losses import (
     lm_token_stats,
     rollout_metrics,
     sampler_weights,
+    truncation_metrics,
     value_loss,
 )
 from rlhf_jax.core.minibatch import minibatch_orders, ppo_update
@@ -205,6 +206,8 @@ def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=No
             optimizer=optimizer, num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches,
             shard_minibatch=fwd.shard_batch, group=share)
         metrics = {**stats, **sampling_metrics, "objective/kl_coef": kl_coef}
+        if rollout.truncation_gap is not None:  # top-k / top-p: the part of the difference the filters make
+            metrics.update(truncation_metrics(rollout.truncation_gap, mask))
         if critic:  # TRL's PPOTrainer's
             non_score = jnp.where(mask, -reward_kl_coef * kl, 0.0)
             metrics.update(rollout_metrics(scores, kl, non_score, old_logprobs, mask))

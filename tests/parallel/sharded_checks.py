@@ -24,6 +24,7 @@ from rlhf_jax.parallel.sharding import (
     shard_like,
 )
 from rlhf_jax.run.trainer import RLTrainer
+from rlhf_jax.sampling.engine import continuous_generate
 from rlhf_jax.sampling.generate import generate
 from tests import common
 
@@ -150,6 +151,36 @@ def test_tensor_parallel_decoding_samples_what_one_device_does(family, mesh_shap
     np.testing.assert_array_equal(np.asarray(plain["response_ids"]), np.asarray(sharded["response_ids"]))
     for name in ("logprobs", "values"):
         np.testing.assert_allclose(np.asarray(plain[name]), np.asarray(sharded[name]), atol=1e-5)
+
+
+@pytest.mark.parametrize("family,layout,scan", [("gpt2", "batch", False), ("llama", "tensor", True)])
+def test_continuous_engine_on_a_mesh_samples_what_one_device_does(family, layout, scan):
+    """The continuous-batching engine with its slots split over the batch axes (and, in the tensor
+    layout, its cache over KV heads), halving its slots in the tail: the static sampler's samples on
+    one device."""
+    if family == "gpt2":
+        cfg = gpt2_config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32)
+    else:
+        cfg = ModelConfig(family="llama", vocab_size=48, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=2,
+                          head_dim=8, intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=False)
+    graphdef, params = nnx.split(CausalLM(cfg.replace(scan_layers=scan), rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda x: x * 3.0, params)  # sharper distributions: rows end at different steps
+    rng = np.random.RandomState(0)
+    ids = rng.randint(2, 48, (24, 5)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[::3, :2] = 0
+    kw = dict(max_new_tokens=8, temperature=1.0, eos_ids=(1, 2, 3), pad_id=0)
+    plain = jax.device_get(generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(3),
+                                    **kw))
+    assert len(set(plain["lengths"].tolist())) > 2, plain["lengths"]
+    mesh = make_mesh(2, 2, 2)
+    put = lambda x: jax.device_put(x, batch_sharding(mesh))
+    sharded = jax.device_get(continuous_generate(
+        graphdef, shard_like(params, param_shardings(params, mesh)), put(ids), put(mask), jax.random.PRNGKey(3),
+        slots=8, refill=2, batch_mesh=mesh, shard_prefill=True, decode_layout=layout, **kw))
+    for name in ("response_ids", "response_mask", "lengths"):
+        np.testing.assert_array_equal(plain[name], sharded[name])
+    np.testing.assert_allclose(plain["logprobs"], sharded["logprobs"], atol=1e-5)
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):

@@ -1,6 +1,7 @@
 """The newer surfaces answer a user's mistake with one line and exit 2 (exit 1 for a reward function
 that returns the wrong kind of value), before any model loads: the planner, the reward-model
-trainer, the scripts that take a path, a chat template the tokenizer lacks, a reward's contract."""
+trainer, the scripts that take a path, a chat template the tokenizer lacks, an engine shape that does
+not fit the rollout, a reward's contract."""
 
 import os
 import subprocess
@@ -63,6 +64,14 @@ def test_a_chat_template_the_tokenizer_lacks_is_one_line(tmp_path):
                    "--config.data.chat_template=True"], tmp_path)
     _one_line(result, 2, "config.data.chat_template = True: the tokenizer in ")
     assert "has no chat template" in result.stderr
+
+
+def test_an_engine_shape_that_does_not_fit_is_one_line(tmp_path):
+    result = _run(["rlhf_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                   "--config.sampling.engine=continuous", "--config.sampling.slots=6",
+                   "--config.sampling.refill=3"], tmp_path)
+    _one_line(result, 2, "config.sampling.slots = 6, refill = 3: 16 requests do not split into refills of 3")
+    assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("raw,message", [

@@ -39,9 +39,11 @@ def test_short_demo_learns_within_the_kl_budget(tmp_path, demo_workdir, capsys):
     assert before["valid"] > 0.8, before  # the warm-up model writes mostly valid reviews
     assert after["reward"] > before["reward"] + 1.0, (before, after)
     assert after["kl"] < 12.0, after
-    # Measured over seeds 0-2: 56-72% valid after 30 iterations (KL 2.9-5.5); without the KL
-    # penalty the policy ends at 0% valid (scripts/kl_sweep.py), so half is a clear line.
-    assert after["valid"] > 0.5, after
+    # Measured over seeds 0-2: 56-72% valid after 30 iterations (KL 2.9-5.5); since the decode step's
+    # attention rounds differently (2026-12-07), 46% here and 48-70% (KL 4.6-6.8) over seeds 0-2 from
+    # the full demo's warm-up. Without the KL penalty the policy ends at 0% valid
+    # (scripts/kl_sweep.py), so a third is a clear line.
+    assert after["valid"] > 1 / 3, after
     assert os.path.exists(tmp_path / "ppo" / "metrics.png")
     assert json.load(open(tmp_path / "summary.json"))["iterations"] == 30
     # A workdir that holds the original model skips the warm-up: nothing trained, the weights as they were.
