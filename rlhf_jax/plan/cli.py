@@ -26,6 +26,7 @@ buffers its outputs reuse).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -132,7 +133,8 @@ def time_report(hlo_text: str, chip) -> dict:
     report = {"flops": costs.flops, "hbm_traffic_gib": costs.hbm_bytes / GIB, "comm_gib": costs.comm_bytes / GIB,
               "comm_gib_by_kind": {k: v / GIB for k, v in costs.comm_by_kind.items() if v},
               "loops": [{"op_name": loop["op_name"], "trips": loop["trips"], "flops": loop["flops"],
-                         "hbm_traffic_mib": loop["hbm_bytes"] / MIB, "comm_mib": loop["comm_bytes"] / MIB}
+                         "hbm_traffic_mib": loop["hbm_bytes"] / MIB, "comm_mib": loop["comm_bytes"] / MIB,
+                         **({"trip_est_s": estimate(_LoopCosts(loop), chip)["est_s"]} if chip else {})}
                         for loop in costs.loops]}
     if costs.unknown_trip_counts:
         report["unknown_trip_counts"] = costs.unknown_trip_counts
@@ -141,8 +143,67 @@ def time_report(hlo_text: str, chip) -> dict:
     return report
 
 
+class _LoopCosts:
+    """One trip of a loop as `roofline.estimate` reads a program's costs."""
+
+    def __init__(self, loop: dict):
+        self.flops, self.hbm_bytes = loop["flops"], loop["hbm_bytes"]
+        self.comm_by_kind = loop.get("comm_by_kind", {})
+
+
+def geometric_lengths(rows: int, budget: int, mean_fraction: float, seed: int = 0):
+    """Response lengths for the engine's estimate: geometric (a constant chance to end at each token,
+    as a model with an EOS hazard), mean `mean_fraction` x `budget`, cut at the budget."""
+    import numpy as np
+
+    mean = max(mean_fraction * budget, 1.0)
+    return np.minimum(np.random.default_rng(seed).geometric(1.0 / mean, rows), budget)
+
+
+def engine_estimate(config, model_cfg, mesh, chip, mean_fraction: float) -> dict:
+    """The continuous-batching engine's rollout time on `chip`, from its schedule for geometric
+    response lengths (`geometric_lengths`) and the static sampler's compiled costs at each of its slot
+    counts: a decode step of k slots costs what the static decode loop's step of k rows does (the same
+    model and cache length; the engine adds a scatter of each row's new keys and values), and admitting
+    `refill` requests costs that share of the static sampler's prefill of `slots` rows."""
+    from rlhf_jax.plan.aot import abstract_iteration
+    from rlhf_jax.sampling.engine import schedule, tail_sizes
+    from rlhf_jax.sampling.rollout import engine_shape
+
+    shape = engine_shape(config, mesh)
+    budget, rows = config.sampling.max_new_tokens, config.train.rollout_batch_size
+    lengths = geometric_lengths(rows, budget, mean_fraction)
+    unit = mesh.shape["data"] * mesh.shape["fsdp"] if config.sampling.shard_cache else 1
+    loops = schedule(lengths, shape["slots"], shape["refill"], shape["tail_halvings"], unit)
+    assert [size for size, _ in loops] == tail_sizes(min(shape["slots"], rows), shape["tail_halvings"], unit)
+    per_size = {}
+    for size, _ in loops:
+        static = copy.deepcopy(config)
+        static.sampling.engine = "static"
+        static.train.rollout_batch_size = size
+        report, _ = compile_report(abstract_iteration(static, model_cfg, mesh, eos_ids=()).lower_rollout,
+                                   0, 0, None, chip)
+        decode = [loop for loop in report["loops"] if "/decode/" in loop["op_name"]]
+        trips = sum(loop["trips"] or 1 for loop in decode)
+        step_s = sum(loop["trip_est_s"] * (loop["trips"] or 1) for loop in decode) / trips
+        per_size[size] = {"decode_step_s": step_s, "prefill_s": max(report["est_s"] - trips * step_s, 0.0),
+                          "per_token_comm_mib": sum(loop["comm_mib"] * (loop["trips"] or 1) for loop in decode)
+                          / trips}
+    slots = loops[0][0]
+    refills = (rows - slots) // shape["refill"]
+    prefill_s = per_size[slots]["prefill_s"] * (1 + refills * shape["refill"] / slots)
+    decode_s = sum(steps * per_size[size]["decode_step_s"] for size, steps in loops)
+    row_steps = sum(size * steps for size, steps in loops)
+    return {"slots": slots, "refill": shape["refill"], "tail_halvings": shape["tail_halvings"],
+            "lengths": f"geometric, mean {mean_fraction} x {budget} tokens, cut at {budget} (seed 0)",
+            "mean_length": float(lengths.mean()), "at_budget": int((lengths == budget).sum()),
+            "loops": [{"slots": size, "steps": steps, **per_size[size]} for size, steps in loops],
+            "useful_fraction": float((lengths.sum() - rows) / max(row_steps, 1)),
+            "est_s": prefill_s + decode_s, "prefill_s": prefill_s, "decode_s": decode_s}
+
+
 def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout", "update"),
-         measure: bool | None = None) -> dict:
+         measure: bool | None = None, engine_lengths: float = 0.0) -> dict:
     """Compile the rollout and the update of `config` (on `topology`, or the local devices) and
     report each (or those named in `only`); see the module docstring. `measure` (default: without
     a topology): also run each on the local devices and report the median seconds."""
@@ -203,6 +264,12 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
         tokens = config.train.rollout_batch_size * (config.data.max_prompt_len + config.sampling.max_new_tokens)
         result["iteration"] = {"est_s": seconds, "tokens_per_s_per_chip": tokens / seconds / devices,
                                "est_mfu": sum(model_flops.values()) / devices / seconds / chip.peak_flops}
+    if engine_lengths and "rollout" in functions and "est_s" in functions["rollout"]:
+        engine_config = copy.deepcopy(config)
+        engine_config.sampling.engine = "continuous"
+        result["engine"] = engine_estimate(engine_config, model_cfg, mesh, chip, engine_lengths)
+        static_s = functions["rollout"]["est_s"]
+        result["engine"].update(static_est_s=static_s, speedup=static_s / result["engine"]["est_s"])
     if measure:
         for name, seconds in measured_seconds(step, compiled).items():
             f = functions[name]
@@ -346,6 +413,12 @@ def format_table(result: dict) -> str:
                 rows.append(f"{'':10s}decode loop, per token: {f['per_token_gflop']:.3g} GFLOP, "
                             f"{f['per_token_hbm_mib']:.4g} MiB HBM, {f['per_token_comm_mib']:.3g} MiB collectives; "
                             f"the rest (prefill) {f['prefill_comm_gib']:.3g} GiB collectives")
+        if "engine" in result:
+            e = result["engine"]
+            loops = ", ".join(f"{loop['steps']} steps of {loop['slots']}" for loop in e["loops"])
+            rows.append(f"rollout with the continuous engine ({e['lengths']}; {loops}; useful fraction "
+                        f"{e['useful_fraction']:.2f}): {e['est_s']:.3g} s against {e['static_est_s']:.3g} s "
+                        f"static ({e['speedup']:.2f}x)")
         if "iteration" in result:
             it = result["iteration"]
             rows.append(f"iteration: {it['est_s']:.3g} s, {it['tokens_per_s_per_chip']:.4g} tokens/s per chip, "
@@ -356,7 +429,8 @@ def format_table(result: dict) -> str:
 def _main(config):
     from absl import flags
     try:
-        result = plan(config, flags.FLAGS.topology or None, tuple(flags.FLAGS.only), measure=flags.FLAGS.measure)
+        result = plan(config, flags.FLAGS.topology or None, tuple(flags.FLAGS.only), measure=flags.FLAGS.measure,
+                      engine_lengths=flags.FLAGS.engine_lengths)
     except PlanError as e:  # run_cli reports the config's and the model folder's errors alike
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -382,6 +456,9 @@ def run():
         flags.DEFINE_list("only", ["rollout", "update"], "The functions to compile.")
         flags.DEFINE_bool("measure", None, "Also run each function on the local devices and report its seconds "
                                            "(default: without --topology).")
+        flags.DEFINE_float("engine_lengths", 0.0, "Also estimate the continuous-batching engine's rollout for "
+                                                  "geometric response lengths of this mean, as a fraction of "
+                                                  "max_new_tokens (e.g. 0.25); 0: no.")
 
     # As before this command line existed here, the planner runs in the process it was started in.
     run_cli(_main, "Path to a config file (a get_config() -> ConfigDict).", extra_flags, workdir=False, setup=False)

@@ -66,11 +66,11 @@ class RLTrainer:
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.shared_value = uses_value(config) and config.model.value_model == "shared"
         self.lora = bool(config.lora.enabled)
-        engine_shape(config, self.mesh, has_eos=True)  # a shape that does not fit stops before any model loads
+        engine = engine_shape(config, self.mesh, has_eos=True)  # a shape that does not fit stops before any model loads
 
         models = load_models(config, self.mesh, len(self.tokenizer))
         validate_lengths(config, models.policy_config.max_position_embeddings)
-        validate_decode_layout(config, models.policy_config, self.mesh)
+        validate_decode_layout(config, models.policy_config, self.mesh, engine and engine["slots"])
         self.policy_graphdef, self.ref_graphdef = models.policy_graphdef, models.ref_graphdef
         self.value_graphdef, self.rm_graphdef = models.value_graphdef, models.reward_graphdef
         self.frozen, self.ref_params, self.rm_params = models.frozen, models.ref_params, models.reward_params

@@ -420,10 +420,12 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
     return buffers
 
 
-def validate_decode_layout(config, model_config, mesh) -> None:
-    """`sampling.decode_layout = "tensor"` needs the heads and the rollout's rows to split evenly."""
+def validate_decode_layout(config, model_config, mesh, slots: int | None = None) -> None:
+    """`sampling.decode_layout = "tensor"` needs the heads and the decode loop's rows to split evenly:
+    the rollout's, or the continuous engine's `slots` where it runs."""
     if config.sampling.decode_layout != "tensor":
         return
-    problem = tensor_decode_problem(model_config, mesh, config.train.rollout_batch_size)
+    problem = tensor_decode_problem(model_config, mesh, slots or config.train.rollout_batch_size)
     if problem:
-        raise ConfigError(f"config.sampling.decode_layout = 'tensor': {problem} (use 'auto' or 'batch')")
+        where = f" with config.sampling.slots = {slots}" if slots else ""
+        raise ConfigError(f"config.sampling.decode_layout = 'tensor'{where}: {problem} (use 'auto' or 'batch')")

@@ -77,3 +77,26 @@ def test_plan_names_an_unsupported_model_folder_in_one_line(tmp_path):
     result = _plan("--config=configs/tiny.py", f"--config.model.path={tmp_path}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "use_sliding_window=True" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plan_estimates_the_continuous_engine_from_its_schedule():
+    """--engine_lengths: the engine's loops are its schedule for geometric lengths, each decode step
+    priced as the static sampler's step at that many rows, and the prefill shared by the refills."""
+    import numpy as np
+
+    from rlhf_jax.plan.cli import geometric_lengths, plan
+    from rlhf_jax.sampling.engine import schedule
+    from tests import common
+
+    lengths = geometric_lengths(4000, 100, 0.25)
+    assert abs(lengths.mean() - 23.5) < 1.5 and lengths.max() == 100  # about a quarter, the tail cut
+    config = common.config(sampling__max_new_tokens=28)
+    result = plan(config, only=("rollout",), measure=False, engine_lengths=0.25)
+    engine = result["engine"]
+    expected = schedule(geometric_lengths(16, 28, 0.25), engine["slots"], engine["refill"], 2)
+    assert [(loop["slots"], loop["steps"]) for loop in engine["loops"]] == expected == [(8, 10), (4, 9), (2, 9)]
+    steps = [loop["decode_step_s"] for loop in engine["loops"]]
+    assert steps == sorted(steps, reverse=True) and steps[-1] > 0  # fewer rows, cheaper steps
+    assert np.isclose(engine["est_s"], engine["prefill_s"] + engine["decode_s"])
+    assert np.isclose(engine["decode_s"], sum(loop["steps"] * loop["decode_step_s"] for loop in engine["loops"]))
+    assert engine["static_est_s"] == result["functions"]["rollout"]["est_s"] > engine["est_s"]

@@ -193,3 +193,18 @@ def test_the_update_reports_the_truncation_gap():
     np.testing.assert_allclose(float(metrics["sampling/truncation_logp_gap/mean"]), gap.mean(), rtol=1e-5)
     # A random model's distributions are wide: the top 5 of 32 tokens keep well under all the mass.
     assert float(metrics["sampling/truncation_logp_gap/mean"]) > 0.3
+
+
+def test_the_tensor_layout_is_checked_against_the_engine_slots():
+    import types
+
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.sampling.generate import validate_decode_layout
+    from tests import common
+
+    config = common.config(sampling__decode_layout="tensor", train__rollout_batch_size=16)
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 2})  # 4 model devices, 2 KV heads
+    validate_decode_layout(config, CFG, mesh)  # 16 rows split over the 2 devices beyond one per KV head
+    validate_decode_layout(config, CFG, mesh, slots=4)
+    with pytest.raises(ConfigError, match=r"'tensor' with config.sampling.slots = 3: 3 rows do not split over 2"):
+        validate_decode_layout(config, CFG, mesh, slots=3)
