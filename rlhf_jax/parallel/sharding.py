@@ -153,6 +153,11 @@ def decode_mesh(mesh: Mesh, num_kv_heads: int) -> Mesh:
     return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+def batch_devices(mesh) -> int:
+    """How many ways the batch axes (data x fsdp) split the rows."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Rows over (data, fsdp); the other axes replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -168,12 +168,12 @@ def engine_estimate(config, model_cfg, mesh, chip, mean_fraction: float) -> dict
     `refill` requests costs that share of the static sampler's prefill of `slots` rows."""
     from rlhf_jax.plan.aot import abstract_iteration
     from rlhf_jax.sampling.engine import schedule, tail_sizes
-    from rlhf_jax.sampling.rollout import engine_shape
+    from rlhf_jax.sampling.rollout import cache_row_unit, engine_shape
 
     shape = engine_shape(config, mesh)
     budget, rows = config.sampling.max_new_tokens, config.train.rollout_batch_size
     lengths = geometric_lengths(rows, budget, mean_fraction)
-    unit = mesh.shape["data"] * mesh.shape["fsdp"] if config.sampling.shard_cache else 1
+    unit = cache_row_unit(config, mesh)
     loops = schedule(lengths, shape["slots"], shape["refill"], shape["tail_halvings"], unit)
     assert [size for size, _ in loops] == tail_sizes(min(shape["slots"], rows), shape["tail_halvings"], unit)
     per_size = {}
@@ -183,12 +183,11 @@ def engine_estimate(config, model_cfg, mesh, chip, mean_fraction: float) -> dict
         static.train.rollout_batch_size = size
         report, _ = compile_report(abstract_iteration(static, model_cfg, mesh, eos_ids=()).lower_rollout,
                                    0, 0, None, chip)
-        decode = [loop for loop in report["loops"] if "/decode/" in loop["op_name"]]
-        trips = sum(loop["trips"] or 1 for loop in decode)
-        step_s = sum(loop["trip_est_s"] * (loop["trips"] or 1) for loop in decode) / trips
-        per_size[size] = {"decode_step_s": step_s, "prefill_s": max(report["est_s"] - trips * step_s, 0.0),
-                          "per_token_comm_mib": sum(loop["comm_mib"] * (loop["trips"] or 1) for loop in decode)
-                          / trips}
+        _rollout_details(report)
+        step_s = report["per_token_est_s"]
+        per_size[size] = {"decode_step_s": step_s,
+                          "prefill_s": max(report["est_s"] - report["decode_steps"] * step_s, 0.0),
+                          "per_token_comm_mib": report["per_token_comm_mib"]}
     slots = loops[0][0]
     refills = (rows - slots) // shape["refill"]
     prefill_s = per_size[slots]["prefill_s"] * (1 + refills * shape["refill"] / slots)
@@ -212,7 +211,7 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
         raise PlanError(f"--only={','.join(only)}: name rollout and/or update")
     from rlhf_jax.config import validate, validate_lengths
     from rlhf_jax.parallel.attention import validate_attention
-    from rlhf_jax.parallel.sharding import make_mesh
+    from rlhf_jax.parallel.sharding import batch_devices, make_mesh
     from rlhf_jax.plan.aot import abstract_iteration
     from rlhf_jax.plan.roofline import CHIPS, measure_local_chip
     from rlhf_jax.sampling.generate import validate_decode_layout
@@ -228,7 +227,7 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
         devices, hbm = jax.devices(), None
         chip = measure_local_chip()
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-    validate(config, num_devices=mesh.shape["data"] * mesh.shape["fsdp"])
+    validate(config, num_devices=batch_devices(mesh))
     validate_attention(config, mesh.devices.flat[0].platform)
     model_cfg = _model_config(config)
     validate_lengths(config, model_cfg.max_position_embeddings)
@@ -325,10 +324,13 @@ def _rollout_details(report: dict) -> None:
     if not steps:
         return
     total = {key: sum(loop[key] * (loop["trips"] or 1) for loop in loops) for key in ("comm_mib", "hbm_traffic_mib", "flops")}
+    report["decode_steps"] = steps
     report["per_token_comm_mib"] = total["comm_mib"] / steps
     report["per_token_hbm_mib"] = total["hbm_traffic_mib"] / steps
     report["per_token_gflop"] = total["flops"] / steps / 1e9
     report["prefill_comm_gib"] = max(report["comm_gib"] - total["comm_mib"] / 1024, 0.0)
+    if all("trip_est_s" in loop for loop in loops):  # with a chip: the roofline time of a decode step
+        report["per_token_est_s"] = sum(loop["trip_est_s"] * (loop["trips"] or 1) for loop in loops) / steps
 
 
 def param_counts(params) -> dict:

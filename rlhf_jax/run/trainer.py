@@ -29,7 +29,14 @@ from rlhf_jax.config import ConfigError, uses_value, validate, validate_lengths
 from rlhf_jax.models.lora import save_adapters
 from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.parallel.attention import validate_attention
-from rlhf_jax.parallel.sharding import BATCH_AXES, batch_sharding, make_mesh, replicated, state_shardings
+from rlhf_jax.parallel.sharding import (
+    BATCH_AXES,
+    batch_devices,
+    batch_sharding,
+    make_mesh,
+    replicated,
+    state_shardings,
+)
 from rlhf_jax.run.data import PromptIterator
 from rlhf_jax.run.loading import UserCodeError, check_folders, load_callable, load_models, load_prompts, load_tokenizer
 from rlhf_jax.sampling.generate import generate, validate_decode_layout
@@ -53,7 +60,7 @@ class RLTrainer:
             self.mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         except ValueError as e:
             raise ConfigError(f"config.mesh: {e}") from None
-        validate(config, num_devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        validate(config, num_devices=batch_devices(self.mesh))
         validate_attention(config, self.mesh.devices.flat[0].platform)
         check_folders(config)
         # Before anything loads or compiles: a reward that cannot be found is a one-line error.

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.transformer import init_cache
-from rlhf_jax.sampling.generate import decoding, request_uniforms, sample_token, truncates
+from rlhf_jax.sampling.generate import decoding, output_buffers, request_uniforms, sample_token, truncates
 
 
 def engine_problem(requests: int, slots: int, refill: int, prompt_group: int = 1) -> str | None:
@@ -93,14 +93,8 @@ def continuous_generate(graphdef, params, prompt_ids, prompt_mask, key, *, slots
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     uniforms = request_uniforms(key, requests, max_new_tokens)
 
-    outputs = {"response_ids": jnp.full((requests, max_new_tokens), pad_id, jnp.int32),
-               "response_mask": jnp.zeros((requests, max_new_tokens), jnp.int32),
-               "logprobs": jnp.zeros((requests, max_new_tokens), jnp.float32)}
-    if with_values:
-        outputs["values"] = jnp.zeros((requests, max_new_tokens), jnp.float32)
     with_gap = truncates(temperature, top_k, top_p)
-    if with_gap:
-        outputs["truncation_gap"] = jnp.zeros((requests, max_new_tokens), jnp.float32)
+    outputs = output_buffers(requests, max_new_tokens, pad_id, with_values, with_gap)
 
     def emit(hidden, request, step, live, outputs):
         """Sample each row's token `step` of its `request` (rows not `live` write nothing); return the

@@ -24,7 +24,15 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.core.ops import last_token_index, token_logprobs
 from rlhf_jax.models.transformer import NO_PINS, Pins, init_cache
 from rlhf_jax.options import DECODE_LAYOUTS
-from rlhf_jax.parallel.sharding import BATCH_AXES, MODEL_AXES, batch_constraint, decode_mesh, param_shardings, path_keys
+from rlhf_jax.parallel.sharding import (
+    BATCH_AXES,
+    MODEL_AXES,
+    batch_constraint,
+    batch_devices,
+    decode_mesh,
+    param_shardings,
+    path_keys,
+)
 
 _NEG_INF = -jnp.inf
 
@@ -148,11 +156,18 @@ def _stored_wider(params, dtype) -> bool:
     return 2 * sum(n for n, wider in sizes if wider) > sum(n for n, _ in sizes)  # LoRA's f32 adapters are few
 
 
+def _tensor_row_unit(cfg, mesh) -> int:
+    """The devices a tensor-parallel decode loop's rows split over: data x the model devices beyond one
+    per KV head (`decode_mesh`)."""
+    model = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    return mesh.shape["data"] * model // math.gcd(cfg.num_kv_heads, model)
+
+
 def tensor_decode_problem(cfg, mesh, batch: int) -> str | None:
     """Why the tensor-parallel decode layout does not fit `mesh` (None when it does): the query heads
     and the MLP's hidden units must split evenly over the model devices, the rows over the rest."""
     model = mesh.shape["fsdp"] * mesh.shape["tensor"]
-    rows = mesh.shape["data"] * model // math.gcd(cfg.num_kv_heads, model)
+    rows = _tensor_row_unit(cfg, mesh)
     if cfg.num_heads % model:
         return f"{cfg.num_heads} query heads do not split over {model} model devices (fsdp x tensor)"
     if cfg.intermediate_size % model:
@@ -196,6 +211,19 @@ def request_uniforms(key, requests: int, steps: int):
     return jax.random.uniform(key, (steps, requests))
 
 
+def output_buffers(rows: int, max_new_tokens: int, pad_id: int, with_values: bool, with_gap: bool) -> dict:
+    """A sampler's outputs before any token: pad ids, masks 0, log-probs 0 (values and the truncation
+    gap where asked), [rows, max_new_tokens] each."""
+    zeros = lambda: jnp.zeros((rows, max_new_tokens), jnp.float32)
+    buffers = {"response_ids": jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
+               "response_mask": jnp.zeros((rows, max_new_tokens), jnp.int32), "logprobs": zeros()}
+    if with_values:
+        buffers["values"] = zeros()
+    if with_gap:
+        buffers["truncation_gap"] = zeros()
+    return buffers
+
+
 @dataclasses.dataclass(frozen=True)
 class Decoding:
     """How a sampler runs the model on a mesh (`decoding`): the prefill's model and pins, the decode
@@ -222,7 +250,7 @@ class Decoding:
         cfg = self.model.cfg
         cache = self.pin(init_cache(cfg, prompt_ids.shape[0], cache_len))
         rows = self.batch_mesh is not None and self.shard_prefill and not (
-            prompt_ids.shape[0] % (self.batch_mesh.shape["data"] * self.batch_mesh.shape["fsdp"]))
+            prompt_ids.shape[0] % batch_devices(self.batch_mesh))
         pins = Pins(residual=batch_constraint(self.batch_mesh) if rows else None, cache_write=self.cache_write)
         hidden, cache = self.model.backbone(prompt_ids, prompt_mask, cache,
                                             output_index=last_token_index(prompt_mask)[:, None], pins=pins,
@@ -259,10 +287,9 @@ def decoding(graphdef, params, batch: int, cache_len: int, *, batch_mesh=None, d
 
     pin = (lambda tree: tree) if batch_mesh is None else functools.partial(_pin_cache, batch_mesh)
     decoder, decode_pins, cache_write = model, NO_PINS, None
-    row_unit = 1 if batch_mesh is None else batch_mesh.shape["data"] * batch_mesh.shape["fsdp"]
+    row_unit = 1 if batch_mesh is None else batch_devices(batch_mesh)
     if decode_layout == "tensor":
-        devices = batch_mesh.shape["fsdp"] * batch_mesh.shape["tensor"]
-        row_unit = batch_mesh.shape["data"] * devices // math.gcd(cfg.num_kv_heads, devices)
+        row_unit = _tensor_row_unit(cfg, batch_mesh)
         # The cache is laid out by heads from the start, and the prefill moves each layer's keys and
         # values there as it writes them. Written by rows and resharded whole afterwards, both copies
         # of the cache were alive at once (the NeMo-sized rollout needed 98.4 GiB per v5p chip, against
@@ -378,15 +405,7 @@ def generate(graphdef, params, prompt_ids, prompt_mask, key, *, max_new_tokens: 
                    for name, buf in buffers.items()}
         return token, live, done | jnp.isin(token, eos), buffers
 
-    buffers = {
-        "response_ids": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-        "response_mask": jnp.zeros((batch, max_new_tokens), jnp.int32),
-        "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
-    }
-    if with_values:
-        buffers["values"] = jnp.zeros((batch, max_new_tokens), jnp.float32)
-    if with_gap:
-        buffers["truncation_gap"] = jnp.zeros((batch, max_new_tokens), jnp.float32)
+    buffers = output_buffers(batch, max_new_tokens, pad_id, with_values, with_gap)
     done = jnp.zeros((batch,), bool)
     token, live, done, buffers = emit(0, hidden, done, buffers)
 

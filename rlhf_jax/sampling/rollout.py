@@ -25,7 +25,7 @@ from flax import nnx
 from rlhf_jax.config import ConfigError
 from rlhf_jax.core.ops import chunked_token_stats, token_logprobs
 from rlhf_jax.models.tree import cast_floats
-from rlhf_jax.parallel.sharding import batch_sharding
+from rlhf_jax.parallel.sharding import batch_devices, batch_sharding
 from rlhf_jax.sampling.engine import continuous_generate, engine_problem
 from rlhf_jax.sampling.generate import generate
 
@@ -101,9 +101,15 @@ def prompt_group(config, mesh=None, *, update: bool = True) -> int:
     if rows % generations:
         return 1
     split = config.model.shard_activations if update else config.sampling.shard_cache
-    if mesh is not None and split and (rows // generations) % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if mesh is not None and split and (rows // generations) % batch_devices(mesh):
         return 1
     return generations
+
+
+def cache_row_unit(config, mesh) -> int:
+    """The devices the rollout's KV cache rows split over (`sampling.shard_cache`): the engine's slot
+    counts are multiples of it."""
+    return batch_devices(mesh) if mesh is not None and config.sampling.shard_cache else 1
 
 
 # The shortest budget for which `sampling.engine = "auto"` picks the continuous engine.
@@ -125,7 +131,7 @@ def engine_shape(config, mesh=None, has_eos: bool = True) -> dict | None:
     rows = config.train.rollout_batch_size
     group = prompt_group(config, mesh, update=False)
     refill = s.refill or group
-    unit = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None and s.shard_cache else 1
+    unit = cache_row_unit(config, mesh)
     step = refill * unit // math.gcd(refill, unit)
     slots = s.slots or max(step, rows // 2 // step * step)
     problem = engine_problem(rows, min(slots, rows), refill, group)
