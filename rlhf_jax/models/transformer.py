@@ -359,7 +359,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """An empty KV cache with `max_len` slots per row.
 
     Returns a pytree: `k`, `v`: tuples (one per layer) of [batch, kv_heads, max_len, head_dim]
-    (with `cfg.scan_layers`: one array each, [layers, batch, kv_heads, max_len, head_dim]);
+    (with `cfg.scan_layers`: one array each, [layers, batch, kv_heads, max_len, head_dim]; a decode
+    step takes either);
     `key_mask`: bool[batch, max_len] (which slots hold real tokens); `positions`: int32[batch]
     (real tokens seen so far, the next position id); `index`: int32[] (next slot to write; a
     continuous-batching engine makes it int32[batch], each row's own).
@@ -547,7 +548,8 @@ class Transformer(nnx.Module):
             if cache is None:
                 return hidden, None
             return hidden, self._advanced(cache, *kv, key_mask, mask, index, seq)
-        stacked_cache = cfg.scan_layers and cache is not None
+        # Under scan_layers a cache may still come one array per layer (a tuple: the continuous engine's).
+        stacked_cache = cfg.scan_layers and cache is not None and not isinstance(cache["k"], tuple)
         new_k, new_v = (cache["k"], cache["v"]) if stacked_cache else ([], [])
         for i, layer in enumerate(self._each_layer()):
             query_index = output_index if i == cfg.num_layers - 1 else None
