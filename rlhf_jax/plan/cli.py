@@ -160,24 +160,61 @@ def geometric_lengths(rows: int, budget: int, mean_fraction: float, seed: int = 
     return np.minimum(np.random.default_rng(seed).geometric(1.0 / mean, rows), budget)
 
 
-def engine_estimate(config, model_cfg, mesh, chip, mean_fraction: float) -> dict:
-    """The continuous-batching engine's rollout time on `chip`, from its schedule for geometric
-    response lengths (`geometric_lengths`) and the static sampler's compiled costs at each of its slot
-    counts: a decode step of k slots costs what the static decode loop's step of k rows does (the same
-    model and cache length; the engine adds a scatter of each row's new keys and values), and admitting
-    `refill` requests costs that share of the static sampler's prefill of `slots` rows."""
+def engine_program(config, model_cfg, mesh, chip, resident_bytes: int, hbm_gib: float | None) -> dict:
+    """The continuous-batching engine's own rollout program compiled for the devices: its memory (as
+    `compile_report`'s: it holds `slots` rows of KV cache, and the outputs of every row) and the slot
+    counts of its decode loops, largest first (`tail_sizes` for the decode layout's own row unit, which
+    in the tensor layout can be smaller than the cache's). A tail loop's trip is one decode step of its
+    slots (`steps`: its costs); the first loop's trip also holds the refill loop (the HLO reader cannot
+    know how often that runs), so it is not a step's cost. How many trips each loop makes depends on the
+    sampled lengths: `engine_estimate` prices the schedule."""
+    from rlhf_jax.plan.aot import abstract_iteration
+    from rlhf_jax.sampling.rollout import engine_shape
+
+    step = abstract_iteration(config, model_cfg, mesh, eos_ids=(1,))
+    report, _ = compile_report(step.lower_rollout, resident_bytes, per_device_bytes(step.rollout_args[1:]),
+                               hbm_gib, chip)
+    if "error" in report:
+        return report
+    slots = min(engine_shape(config, mesh)["slots"], config.train.rollout_batch_size)
+    loops = [loop for loop in report["loops"] if "/decode/" in loop["op_name"] and loop["op_name"].endswith("while")]
+    keep = ("argument_gib", "output_gib", "alias_gib", "temp_gib", "total_gib", "hbm_gib", "fits", "compile_s")
+    return {**{k: report[k] for k in keep}, "sizes": [slots >> i for i in range(len(loops))],
+            "steps": [{"slots": slots >> i, "gflop": loop["flops"] / 1e9, "hbm_mib": loop["hbm_traffic_mib"],
+                       "comm_mib": loop["comm_mib"], **({"est_s": loop["trip_est_s"]} if "trip_est_s" in loop else {})}
+                      for i, loop in enumerate(loops) if i]}
+
+
+def engine_estimate(config, model_cfg, mesh, chip, mean_fraction: float, resident_bytes: int = 0,
+                    hbm_gib: float | None = None) -> dict:
+    """The continuous-batching engine's rollout on `chip`: its compiled program's memory and decode steps
+    (`engine_program`, under "program"), and its time from its schedule for geometric response lengths
+    (`geometric_lengths`). A tail decode step costs what the program's own step of that many slots does;
+    a step of all `slots` (whose loop also holds the refills) what the static sampler's decode step of
+    `slots` rows does (the same model and cache length; the engine adds a scatter of each row's new keys
+    and values), and admitting `refill` requests that share of the static sampler's prefill of `slots`
+    rows. Where the program does not fit, every size is priced as the static sampler's ("source")."""
     from rlhf_jax.plan.aot import abstract_iteration
     from rlhf_jax.sampling.engine import schedule, tail_sizes
     from rlhf_jax.sampling.rollout import cache_row_unit, engine_shape
 
+    program = engine_program(config, model_cfg, mesh, chip, resident_bytes, hbm_gib)
     shape = engine_shape(config, mesh)
     budget, rows = config.sampling.max_new_tokens, config.train.rollout_batch_size
     lengths = geometric_lengths(rows, budget, mean_fraction)
-    unit = cache_row_unit(config, mesh)
+    # The smallest slot count the program decodes with halves no further: as a row unit, it gives the
+    # program's sizes (where it did not compile, the cache's row unit stands in).
+    unit = program["sizes"][-1] if "sizes" in program else cache_row_unit(config, mesh)
     loops = schedule(lengths, shape["slots"], shape["refill"], shape["tail_halvings"], unit)
-    assert [size for size, _ in loops] == tail_sizes(min(shape["slots"], rows), shape["tail_halvings"], unit)
+    sizes = [size for size, _ in loops]
+    assert sizes == tail_sizes(min(shape["slots"], rows), shape["tail_halvings"], unit) == program.get("sizes", sizes)
+    own = {step["slots"]: step for step in program.get("steps", [])}
     per_size = {}
-    for size, _ in loops:
+    for size in sizes:
+        if size in own:  # the engine's own decode step (a tail size below the cache's row unit included)
+            per_size[size] = {"decode_step_s": own[size]["est_s"], "per_token_comm_mib": own[size]["comm_mib"],
+                              "source": "engine"}
+            continue
         static = copy.deepcopy(config)
         static.sampling.engine = "static"
         static.train.rollout_batch_size = size
@@ -187,8 +224,8 @@ def engine_estimate(config, model_cfg, mesh, chip, mean_fraction: float) -> dict
         step_s = report["per_token_est_s"]
         per_size[size] = {"decode_step_s": step_s,
                           "prefill_s": max(report["est_s"] - report["decode_steps"] * step_s, 0.0),
-                          "per_token_comm_mib": report["per_token_comm_mib"]}
-    slots = loops[0][0]
+                          "per_token_comm_mib": report["per_token_comm_mib"], "source": "static"}
+    slots = sizes[0]
     refills = (rows - slots) // shape["refill"]
     prefill_s = per_size[slots]["prefill_s"] * (1 + refills * shape["refill"] / slots)
     decode_s = sum(steps * per_size[size]["decode_step_s"] for size, steps in loops)
@@ -198,7 +235,7 @@ def engine_estimate(config, model_cfg, mesh, chip, mean_fraction: float) -> dict
             "mean_length": float(lengths.mean()), "at_budget": int((lengths == budget).sum()),
             "loops": [{"slots": size, "steps": steps, **per_size[size]} for size, steps in loops],
             "useful_fraction": float((lengths.sum() - rows) / max(row_steps, 1)),
-            "est_s": prefill_s + decode_s, "prefill_s": prefill_s, "decode_s": decode_s}
+            "est_s": prefill_s + decode_s, "prefill_s": prefill_s, "decode_s": decode_s, "program": program}
 
 
 def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout", "update"),
@@ -266,9 +303,10 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
     if engine_lengths and "rollout" in functions and "est_s" in functions["rollout"]:
         engine_config = copy.deepcopy(config)
         engine_config.sampling.engine = "continuous"
-        result["engine"] = engine_estimate(engine_config, model_cfg, mesh, chip, engine_lengths)
+        result["engine"] = engine_estimate(engine_config, model_cfg, mesh, chip, engine_lengths, resident, hbm)
         static_s = functions["rollout"]["est_s"]
         result["engine"].update(static_est_s=static_s, speedup=static_s / result["engine"]["est_s"])
+        result["fits"] = result["fits"] and result["engine"]["program"]["fits"]
     if measure:
         for name, seconds in measured_seconds(step, compiled).items():
             f = functions[name]
@@ -389,7 +427,10 @@ def format_table(result: dict) -> str:
             f"policy {result['policy_params'] / 1e9:.2f} B params",
             f"{'function':10s}{'args GiB':>10s}{'out GiB':>10s}{'temp GiB':>10s}{'total GiB':>11s}"
             f"{'HBM GiB':>9s}{'compile s':>11s}  fits"]
-    for name, f in result["functions"].items():
+    memory = dict(result["functions"])
+    if "program" in result.get("engine", {}):
+        memory["engine"] = result["engine"]["program"]
+    for name, f in memory.items():
         hbm = f"{f['hbm_gib']:.2f}" if f.get("hbm_gib") else "-"
         if "error" in f:
             rows.append(f"{name:10s}{'':>30s}{f['needed_gib']:11.2f}{hbm:>9s}{f['compile_s']:11.1f}  NO")
@@ -421,6 +462,11 @@ def format_table(result: dict) -> str:
             rows.append(f"rollout with the continuous engine ({e['lengths']}; {loops}; useful fraction "
                         f"{e['useful_fraction']:.2f}): {e['est_s']:.3g} s against {e['static_est_s']:.3g} s "
                         f"static ({e['speedup']:.2f}x)")
+            for loop in e["loops"]:
+                how = ("the engine's own step" if loop["source"] == "engine"
+                       else f"as the static sampler's at {loop['slots']} rows")
+                rows.append(f"{'':10s}{loop['steps']} decode steps of {loop['slots']} slots ({how}): "
+                            f"{loop['per_token_comm_mib']:.3g} MiB collectives, {loop['decode_step_s'] * 1e3:.3g} ms each")
         if "iteration" in result:
             it = result["iteration"]
             rows.append(f"iteration: {it['est_s']:.3g} s, {it['tokens_per_s_per_chip']:.4g} tokens/s per chip, "
@@ -437,7 +483,10 @@ def _main(config):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_table(result))
-    for name, f in result["functions"].items():
+    memory = dict(result["functions"])
+    if "program" in result.get("engine", {}):
+        memory["the continuous engine's rollout"] = result["engine"]["program"]
+    for name, f in memory.items():
         if not f["fits"]:
             needed = f.get("needed_gib", f.get("total_gib"))
             print(f"does not fit: {name} needs {needed:.2f} GiB per device, {f['hbm_gib']:.2f} GiB available",

@@ -100,3 +100,11 @@ def test_plan_estimates_the_continuous_engine_from_its_schedule():
     assert np.isclose(engine["est_s"], engine["prefill_s"] + engine["decode_s"])
     assert np.isclose(engine["decode_s"], sum(loop["steps"] * loop["decode_step_s"] for loop in engine["loops"]))
     assert engine["static_est_s"] == result["functions"]["rollout"]["est_s"] > engine["est_s"]
+    # The engine's own program, compiled: its memory, and each tail loop's trip, a decode step of k
+    # slots doing the static decode step's matmuls for k of its 16 rows.
+    program = engine["program"]
+    assert program["fits"] and program["total_gib"] > 0 and program["sizes"] == [8, 4, 2]
+    static_gflop = result["functions"]["rollout"]["per_token_gflop"]
+    assert [step["slots"] for step in program["steps"]] == [4, 2]
+    for step in program["steps"]:
+        assert np.isclose(step["gflop"], static_gflop * step["slots"] / 16, rtol=1e-6)
