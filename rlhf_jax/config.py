@@ -126,8 +126,11 @@ def base_config() -> ml_collections.ConfigDict:
     # rollout_batch_size counts responses: rollout_batch_size / num_generations prompts per iteration.
     # share_prompts: a value-free update runs each prompt once through the backbone for its
     # num_generations samples (where it applies: `rlhf_jax.sampling.rollout.prompt_group`).
+    # pack_tokens > 0: the update's forwards run each minibatch's samples packed into rows of this many
+    # tokens (`rlhf_jax.core.packing`; at least max_prompt_len + max_new_tokens), not padded to the
+    # longest: the real tokens' work, whatever the lengths. Each sample then runs its own prompt.
     c.train = ml_collections.ConfigDict(dict(rollout_batch_size=16, num_iterations=10, on_nonfinite="stop",
-                                             num_generations=1, share_prompts=True))
+                                             num_generations=1, share_prompts=True, pack_tokens=0))
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=0, max_to_keep=3, async_save=True))
 
@@ -352,6 +355,21 @@ def validate(config, num_devices: int = 1) -> None:
     if (batch // minibatches) % num_devices:
         raise ConfigError(f"a minibatch of {batch // minibatches} rows (config.train.rollout_batch_size / "
                           f"config.rl.num_mini_batches) does not divide over {num_devices} devices")
+    pack = config.train.pack_tokens
+    _positive(config, "train.pack_tokens", allow_zero=True)
+    if pack and pack < config.data.max_prompt_len + config.sampling.max_new_tokens:
+        raise ConfigError(f"config.train.pack_tokens = {pack} is less than a sample's longest "
+                          f"(config.data.max_prompt_len + config.sampling.max_new_tokens = "
+                          f"{config.data.max_prompt_len + config.sampling.max_new_tokens})")
+    if pack and config.model.attention != "xla":
+        raise ConfigError(f"config.train.pack_tokens = {pack} needs config.model.attention = 'xla' (the fused "
+                          f"kernels take no segment ids here; got {config.model.attention!r})")
+    if pack and config.model.logits_chunk and pack % config.model.logits_chunk:
+        raise ConfigError(f"config.model.logits_chunk = {config.model.logits_chunk} does not divide "
+                          f"config.train.pack_tokens = {pack} (packed, the head runs over each row's tokens)")
+    if pack and config.mesh.distributed:
+        raise ConfigError(f"config.train.pack_tokens = {pack}: packing is laid out on one host, from every row; "
+                          "it does not run with config.mesh.distributed = True yet")
     if config.rl.adaptive_kl and (config.rl.kl_target <= 0 or config.rl.kl_horizon <= 0):
         raise ConfigError("config.rl.adaptive_kl needs config.rl.kl_target > 0 and config.rl.kl_horizon > 0")
     if config.lora.enabled:

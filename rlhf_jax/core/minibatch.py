@@ -24,7 +24,7 @@ def minibatch_orders(key, batch_size: int, num_epochs: int, num_minibatches: int
 
 def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
                num_epochs: int, num_minibatches: int, axis_name: str | None = None,
-               shard_minibatch: Callable | None = None, group: int = 1):
+               shard_minibatch: Callable | None = None, group: int = 1, orders=None, per_step: dict | None = None):
     """`num_epochs` x `num_minibatches` optimizer steps over one rollout batch, all in lax.scan.
 
     Args:
@@ -37,6 +37,10 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
       shard_minibatch: applied to every array of a selected minibatch (under jit on a mesh: a
         sharding constraint, since the random-permutation gather drops the batch axis' sharding).
       group: minibatches of whole groups of that many consecutive rows (`minibatch_orders`).
+      orders: int32[epochs, minibatches, rows], the rows of each step (default: `minibatch_orders` of
+        `key`), e.g. where the host laid the minibatches out beforehand.
+      per_step: arrays with leading [epochs, minibatches] axes, each step's own entries added to its
+        minibatch (a packed layout: `rlhf_jax.core.packing.minibatch_layouts`).
     Returns (params, opt_state, stats): stats are the means over every minibatch step,
     plus `grad_norm` (before clipping) and `nonfinite_steps` (steps whose gradient
     was not finite; those steps are skipped, and the caller decides to stop).
@@ -46,9 +50,10 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
         raise ValueError(f"batch of {batch_size} does not split into {num_minibatches} minibatches")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def minibatch_step(carry, indices):
+    def minibatch_step(carry, step):
         params, opt_state = carry
-        minibatch = jax.tree.map(lambda x: x[indices], batch)
+        indices, own = step
+        minibatch = {**jax.tree.map(lambda x: x[indices], batch), **own}
         if shard_minibatch is not None:
             minibatch = jax.tree.map(shard_minibatch, minibatch)
         (loss, stats), grads = grad_fn(params, minibatch)
@@ -69,9 +74,10 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
         stats = dict(stats, loss=loss, grad_norm=grad_norm, nonfinite_steps=(~finite).astype(jnp.float32))
         return (params, opt_state), stats
 
-    orders = minibatch_orders(key, batch_size, num_epochs, num_minibatches, group)
-    epoch_step = lambda carry, order: jax.lax.scan(minibatch_step, carry, order)
-    (params, opt_state), stats = jax.lax.scan(epoch_step, (params, opt_state), orders)
+    if orders is None:
+        orders = minibatch_orders(key, batch_size, num_epochs, num_minibatches, group)
+    epoch_step = lambda carry, steps: jax.lax.scan(minibatch_step, carry, steps)
+    (params, opt_state), stats = jax.lax.scan(epoch_step, (params, opt_state), (orders, per_step or {}))
     stats = jax.tree.map(jnp.mean, stats)
     stats["nonfinite_steps"] = stats["nonfinite_steps"] * num_epochs * num_minibatches
     return params, opt_state, stats

@@ -75,6 +75,14 @@ def token_positions(mask, start=None):
     return jnp.maximum(offsets if start is None else start[:, None] + offsets, 0)
 
 
+def segment_positions(segment_ids):
+    """Each token's position within its segment (its index since the segment began): packed rows'
+    positions, restarting at every sample."""
+    column = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return column - jax.lax.cummax(jnp.where(starts, column, 0), axis=1)
+
+
 def select_positions(x, index):
     """x[b, s, ...] at the positions `index`: a slice (the same for every row) or int[b, n]."""
     if isinstance(index, slice):
@@ -474,7 +482,8 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg.hidden_size, cfg)
 
     def __call__(self, input_ids, attention_mask, cache=None, output_index=None, *, remat: str = "none",
-                 pins: Pins = NO_PINS, fresh_cache: bool = False, attend=None, kv_len: int | None = None):
+                 pins: Pins = NO_PINS, fresh_cache: bool = False, attend=None, kv_len: int | None = None,
+                 segment_ids=None):
         """input_ids, attention_mask: int[batch, seq]. Returns (hidden f[batch, seq, d], new cache or None).
 
         output_index: return the hidden states at these positions only (a slice, or int[batch, n]):
@@ -492,20 +501,30 @@ class Transformer(nnx.Module):
           much of the static cache, not all `max_len` slots.
         attend (without a cache): a fused attention, `rlhf_jax.parallel.attention.splash_attention(...)`,
           for every block that attends at every position.
+        segment_ids (without a cache or `attend`): int[batch, seq], rows of packed samples
+          (`rlhf_jax.core.packing`): 1, 2, ... for each sample in turn, 0 on the unused tail, which
+          replaces `attention_mask` (pass None). Each sample's positions start at 0 and its tokens
+          attend within it only: each gets the hidden states it would get alone.
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
         cfg = self.cfg
+        if segment_ids is not None:
+            if cache is not None or attend is not None or attention_mask is not None:
+                raise ValueError("segment_ids (packed rows) go without a cache, a fused attention or an attention_mask")
+            attention_mask = segment_ids > 0
         mask = attention_mask.astype(bool)
         seq = input_ids.shape[1]
         # Causality and sliding windows are over slots (where each query and key sits in the cache;
         # the sequence index without one), as in transformers.
         if cache is None:
-            positions = token_positions(mask)
+            positions = token_positions(mask) if segment_ids is None else segment_positions(segment_ids)
             index = None
             # A constant lower triangle: XLA:CPU's update ran 5-10% slower with the same mask as a
             # comparison of iotas.
             causal = jnp.tril(jnp.ones((seq, seq), bool))
+            if segment_ids is not None:  # sliding windows stay within a sample: its slots are contiguous
+                causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
             window = jnp.triu(jnp.ones((seq, seq), bool), 1 - cfg.sliding_window) if cfg.sliding_layers else None
             keys_real = mask
         else:

@@ -42,7 +42,7 @@ from rlhf_jax.run.loading import UserCodeError, check_folders, load_callable, lo
 from rlhf_jax.sampling.generate import generate, validate_decode_layout
 from rlhf_jax.sampling.rollout import engine_shape, join, make_rollout, sequence_logprobs
 from rlhf_jax.step.state import TrainState, init_train_state, make_optimizer
-from rlhf_jax.step.update import make_update
+from rlhf_jax.step.update import make_update, packed_minibatches
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,14 @@ class RLTrainer:
         timings["time/reward"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        state, metrics = self.update_fn(state, rollout, device_scores, self.frozen, self.update_reference)
+        packing = None
+        if c.train.pack_tokens:
+            packing = packed_minibatches(c, state.key, rollout, self.pad_id, batch_devices(self.mesh))
+        state, metrics = self.update_fn(state, rollout, device_scores, self.frozen, self.update_reference, packing)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if packing is not None:
+            metrics["packing/rows"] = float(packing["segment_ids"].shape[2])
+            metrics["packing/real_fraction"] = float((packing["segment_ids"] > 0).mean())
         timings["time/update"] = time.perf_counter() - t0
 
         nonfinite = metrics["nonfinite_steps"]

@@ -90,9 +90,11 @@ def prompt_group(config, mesh=None, *, update: bool = True) -> int:
     (`update=False`; `generate`'s prompt_group) and a value-free update's forwards (`Transformer.grouped`)
     share them for value-free algorithms, and on a mesh whose batch axes split the rows, where the
     prompts split evenly over them. The update also needs the plain attention (the fused kernels
-    take no KV cache) and minibatches of whole groups."""
+    take no KV cache), minibatches of whole groups and no packing (`train.pack_tokens`)."""
     generations, rows = config.train.num_generations, config.train.rollout_batch_size
     if not config.train.share_prompts or config.algorithm == "ppo" or generations < 2:
+        return 1
+    if update and config.train.pack_tokens:  # packed rows hold each sample with its own prompt
         return 1
     if update:
         if config.model.attention != "xla" or rows % config.rl.num_mini_batches:

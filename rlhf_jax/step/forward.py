@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.core.losses import lm_token_stats
+from rlhf_jax.core.packing import unpack
 from rlhf_jax.models.transformer import Pins
 from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.parallel.attention import make_attend
@@ -42,7 +43,12 @@ class TrainingForward:
         self.attention, self.mesh = m.attention, mesh
 
     def hidden(self, model, mb):
-        """The backbone's hidden states at the positions that predict each response token."""
+        """The backbone's hidden states at the positions that predict each response token; for a packed
+        minibatch (`rlhf_jax.core.packing.minibatch_layouts`' arrays in `mb`), at every packed position
+        (`token_stats` and `unpacked` bring them to the response layout)."""
+        if "packed_ids" in mb:
+            hidden, _ = model.backbone(mb["packed_ids"], None, segment_ids=mb["segment_ids"], **self.backbone_options)
+            return hidden
         if self.group > 1:
             g = self.group
             return model.backbone.grouped(mb["prompt_ids"][::g], mb["prompt_mask"][::g], mb["response_ids"],
@@ -68,11 +74,29 @@ class TrainingForward:
             if not self.value_head:
                 return hidden, None
             if self.value_graphdef is None:
-                return hidden, model.values(hidden)
+                return hidden, self.unpacked(model.values(hidden), mb)
+            critic = cast_floats(params["value"], self.param_dtype)
+            if "packed_ids" in mb:
+                values = nnx.merge(self.value_graphdef, critic)(mb["packed_ids"], None, segment_ids=mb["segment_ids"],
+                                                                **self.backbone_options)
+                return hidden, unpack(values, mb["gather"])
             ids, mask = join(mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
-            return hidden, sequence_values(self.value_graphdef, cast_floats(params["value"], self.param_dtype), ids,
-                                           mask, mb["response_ids"].shape[1], **self.backbone_options)
+            return hidden, sequence_values(self.value_graphdef, critic, ids, mask, mb["response_ids"].shape[1],
+                                           **self.backbone_options)
         return forward
+
+    @staticmethod
+    def unpacked(per_position, mb):
+        """A packed forward's per-position values f[rows, budget] in the response layout f32[b, response_len]
+        (the identity for an unpacked minibatch)."""
+        return unpack(per_position, mb["gather"]) if "packed_ids" in mb else per_position
+
+    def token_stats(self, hidden, mb, head):
+        """(log-probs of the response tokens, entropies): f32[b, response_len] each, from `hidden`'s
+        forward (`lm_token_stats`; packed, at every packed position of its next token, then unpacked)."""
+        tokens = mb["targets"] if "packed_ids" in mb else mb["response_ids"]
+        stats = lm_token_stats(hidden, tokens, temperature=self.temperature, head=head, logits_chunk=self.logits_chunk)
+        return tuple(self.unpacked(x, mb) for x in stats)
 
     def reference(self, reference, frozen):
         """The reference model. On the policy's own graph with a frozen part (LoRA), `reference` is a
@@ -85,34 +109,32 @@ class TrainingForward:
     def head(self, frozen):
         return lambda params, hidden: self.policy(params, frozen).logits(hidden)
 
-    def logprobs(self, hidden, tokens, head):
-        return lm_token_stats(hidden, tokens, temperature=self.temperature, head=head,
-                              logits_chunk=self.logits_chunk)[0]
-
-    def score(self, params, frozen, reference, batch, order, *, policy: bool, values: bool, ref: bool = True):
+    def score(self, params, frozen, reference, batch, order, *, policy: bool, values: bool, ref: bool = True,
+              packed: dict | None = None):
         """The reference's log-probs ("ref_logprobs", if `ref`) and, if asked, the policy's ("logprobs")
         and its values ("values") for a rollout `batch`, one minibatch of `order` (int32[minibatches,
-        rows]) at a time, returned in row order."""
+        rows]) at a time, returned in row order. `packed`: each of those minibatches' packed layout
+        (leading axis: minibatches)."""
         forward = self.forward(frozen)
 
-        def one(indices):
-            mb = jax.tree.map(lambda x: x[indices], batch)
+        def one(step):
+            indices, own = step
+            mb = {**jax.tree.map(lambda x: x[indices], batch), **own}
             if self.shard_batch is not None:
                 mb = jax.tree.map(self.shard_batch, mb)
             out = {}
             if ref:
                 ref_model = self.reference(reference, frozen)
-                out["ref_logprobs"] = self.logprobs(self.hidden(ref_model, mb), mb["response_ids"], ref_model.logits)
+                out["ref_logprobs"] = self.token_stats(self.hidden(ref_model, mb), mb, ref_model.logits)[0]
             if policy or values:
                 hidden, value_out = forward(params, mb)
                 if values:
                     out["values"] = value_out
                 if policy:
-                    out["logprobs"] = self.logprobs(hidden, mb["response_ids"],
-                                                    lambda h: self.head(frozen)(params, h))
+                    out["logprobs"] = self.token_stats(hidden, mb, lambda h: self.head(frozen)(params, h))[0]
             return out
 
-        scored = jax.lax.map(one, order)
+        scored = jax.lax.map(one, (order, packed or {}))
         inverse = jnp.argsort(order.reshape(-1))
         return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[inverse], scored)
 

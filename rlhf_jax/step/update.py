@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rlhf_jax.config import uses_value
@@ -36,7 +37,6 @@ from rlhf_jax.core import kl as kl_lib
 from rlhf_jax.core.losses import (
     clipped_surrogate,
     kl_penalty_loss,
-    lm_token_stats,
     rollout_metrics,
     sampler_weights,
     truncation_metrics,
@@ -44,6 +44,7 @@ from rlhf_jax.core.losses import (
 )
 from rlhf_jax.core.minibatch import minibatch_orders, ppo_update
 from rlhf_jax.core.ops import masked_mean
+from rlhf_jax.core.packing import minibatch_layouts
 from rlhf_jax.parallel.sharding import replicated, state_shardings
 from rlhf_jax.sampling.rollout import Rollout, prompt_group
 from rlhf_jax.step.forward import TrainingForward, sequence_batch
@@ -102,8 +103,7 @@ def make_loss(config, fwd: TrainingForward, frozen, kl_coef) -> Callable:
 
     def loss(params, mb):
         outputs, values = forward(params, mb)
-        logprobs, token_entropy = lm_token_stats(outputs, mb["response_ids"], temperature=fwd.temperature,
-                                                 head=lambda h: head(params, h), logits_chunk=fwd.logits_chunk)
+        logprobs, token_entropy = fwd.token_stats(outputs, mb, lambda h: head(params, h))
         mask = mb["loss_mask"] if "loss_mask" in mb else mb["response_mask"].astype(bool)
         pg, pg_stats = clipped_surrogate(logprobs, mb["logprobs"], mb["advantages"], mask, clip_low=p.cliprange,
                                          clip_high=p.cliprange_high or p.cliprange, level=p.ratio_level,
@@ -129,8 +129,8 @@ def make_loss(config, fwd: TrainingForward, frozen, kl_coef) -> Callable:
 
 def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=None, eos_ids: Sequence[int] = (),
                 optimizer: optax.GradientTransformation | None = None, mesh=None):
-    """The jitted update of `config.algorithm`: `update(state, rollout, scores, frozen=None, reference=None)
-    -> (state, metrics)`.
+    """The jitted update of `config.algorithm`: `update(state, rollout, scores, frozen=None, reference=None,
+    packing=None) -> (state, metrics)`.
 
     Reads `config.rl` (the options of every algorithm; the README's table names the published method
     of each combination), `config.reward` (scale, bias, normalize), `config.sampling` (temperature,
@@ -140,7 +140,10 @@ def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=No
     with `frozen`, a snapshot of the trainable part only, merged with `frozen`); not needed by a
     value-free algorithm with `rl.kl_coef = 0`, which never runs the reference.
     `frozen`: the policy's params outside the state (a LoRA base), merged in for the forward.
-    `scores`: f32[b], one per rollout row. `value_graphdef`: PPO's separate critic (its params are
+    `scores`: f32[b], one per rollout row. `packing` (with `train.pack_tokens`): the minibatches' orders
+    and packed layouts from `packed_minibatches`; the forwards then run packed rows, and every per-token
+    quantity comes back in the padded layout, equal to the unpacked update's up to float rounding.
+    `value_graphdef`: PPO's separate critic (its params are
     `state.params["value"]`); without it the policy's value head serves. `eos_ids` serve the
     missing-EOS penalty and the clipped-ratio metric. The state is donated; on a `mesh` the new state
     keeps the partition rules.
@@ -163,7 +166,7 @@ def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=No
     group = config.train.num_generations
     eos_ids = tuple(int(e) for e in eos_ids)
 
-    def update(state: TrainState, rollout: Rollout, scores, frozen=None, reference=None):
+    def update(state: TrainState, rollout: Rollout, scores, frozen=None, reference=None, packing=None):
         if use_ref and reference is None:
             raise ValueError("update(state, rollout, scores, frozen, reference): the reference policy's params "
                              "are needed (its log-probs are taken here, by the loss's own forward)")
@@ -177,11 +180,16 @@ def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=No
                                                        p.overlong_buffer, p.overlong_penalty)
         batch = sequence_batch(rollout)
         key, update_key = jax.random.split(state.key)
-        orders = minibatch_orders(update_key, mask.shape[0], p.num_ppo_epochs, p.num_mini_batches, share)
+        if packing is None:
+            orders, per_step = minibatch_orders(update_key, mask.shape[0], p.num_ppo_epochs, p.num_mini_batches,
+                                                share), None
+        else:
+            orders, per_step = packing["orders"], {k: v for k, v in packing.items() if k != "orders"}
         separate_critic = critic and value_graphdef is not None
         scored = fwd.score(state.params, frozen, reference, batch, orders[0], policy=recompute,
-                           values=critic and recompute or separate_critic,
-                           ref=use_ref) if use_ref or recompute else {}  # a critic always runs the reference
+                           values=critic and recompute or separate_critic, ref=use_ref,
+                           packed=None if per_step is None else jax.tree.map(lambda x: x[0], per_step),
+                           ) if use_ref or recompute else {}  # a critic always runs the reference
         old_logprobs = scored["logprobs"] if recompute else rollout.logprobs
         kl = (jnp.where(mask, estimator(old_logprobs, scored["ref_logprobs"]), 0.0) if use_ref
               else jnp.zeros(mask.shape, jnp.float32))
@@ -204,7 +212,7 @@ def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=No
         params, opt_state, stats = ppo_update(
             state.params, state.opt_state, batch, update_key, loss_fn=make_loss(config, fwd, frozen, kl_coef),
             optimizer=optimizer, num_epochs=p.num_ppo_epochs, num_minibatches=p.num_mini_batches,
-            shard_minibatch=fwd.shard_batch, group=share)
+            shard_minibatch=fwd.shard_batch, group=share, orders=orders, per_step=per_step)
         metrics = {**stats, **sampling_metrics, "objective/kl_coef": kl_coef}
         if rollout.truncation_gap is not None:  # top-k / top-p: the part of the difference the filters make
             metrics.update(truncation_metrics(rollout.truncation_gap, mask))
@@ -231,6 +239,18 @@ def make_update(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=No
     if mesh is None:
         return jax.jit(update, donate_argnums=(0,))
     return StateSharded(update, mesh)
+
+
+def packed_minibatches(config, state_key, rollout: Rollout, pad_id: int = 0, unit: int = 1) -> dict:
+    """The `packing` argument of the update (`make_update`) for `config.train.pack_tokens` > 0, laid out
+    on the host: the minibatch orders the update would draw from `state_key` (the train state's key),
+    and each minibatch's samples packed into rows of `pack_tokens` tokens (`minibatch_layouts`; the
+    packed row counts a multiple of `unit`, the devices that split them)."""
+    p = config.rl
+    orders = np.asarray(minibatch_orders(jax.random.split(state_key)[1], rollout.response_mask.shape[0],
+                                         p.num_ppo_epochs, p.num_mini_batches))
+    arrays = jax.device_get((rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask))
+    return {"orders": orders, **minibatch_layouts(*arrays, orders, config.train.pack_tokens, pad_id, unit)}
 
 
 class StateSharded:

@@ -52,6 +52,28 @@ def single_device(tmp_path_factory):
     return one_iteration(mesh_config(1, 1, 1), tmp_path_factory.mktemp("single"))
 
 
+def assert_params_close(reference, state, lr, steps=4):
+    """Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise can move a step by up to
+    the learning rate. So: almost every element within 1e-5, none beyond a few Adam steps."""
+    for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(state.params)):
+        diff = np.abs(np.asarray(a) - np.asarray(b))
+        assert np.sum(diff > 1e-5) <= max(2, 0.005 * diff.size), np.sum(diff > 1e-5)
+        assert diff.max() < lr * steps, diff.max()
+
+
+def test_packed_ppo_iteration_on_a_2x4_mesh_matches_single_device(single_device, tmp_path):
+    """`train.pack_tokens` on a (2, 4, 1) mesh: the packed rows split over the 8 batch devices, and the
+    iteration's update gives the unpacked single-device one's params and metrics."""
+    _, reference, ref_metrics = single_device
+    config = mesh_config(2, 4, 1)
+    config.train.pack_tokens = 16
+    trainer, state, metrics = one_iteration(config, tmp_path)
+    assert metrics["packing/rows"] % 8 == 0 and 0 < metrics["packing/real_fraction"] <= 1
+    assert_params_close(reference, state, trainer.config.optim.learning_rate)
+    for key in ("objective/scores", "objective/kl", "policy/approxkl_avg", "loss/value_avg"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-4, abs=1e-6), key
+
+
 # Pure data parallelism against one device: test_grpo_groups_on_a_data8_mesh_match_one_device.
 @pytest.mark.parametrize("shape,decode_layout", [((2, 4, 1), "auto"), ((2, 1, 4), "tensor")])
 def test_ppo_iteration_matches_single_device(single_device, tmp_path, shape, decode_layout):
@@ -60,13 +82,7 @@ def test_ppo_iteration_matches_single_device(single_device, tmp_path, shape, dec
     config.sampling.decode_layout = decode_layout
     trainer, state, metrics = one_iteration(config, tmp_path)
     assert trainer.mesh.devices.size == 8
-    # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise can move a step by up to
-    # the learning rate. So: almost every element within 1e-5, none beyond a few Adam steps.
-    lr, steps = trainer.config.optim.learning_rate, 4
-    for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(state.params)):
-        diff = np.abs(np.asarray(a) - np.asarray(b))
-        assert np.sum(diff > 1e-5) <= max(2, 0.005 * diff.size), np.sum(diff > 1e-5)
-        assert diff.max() < lr * steps, diff.max()
+    assert_params_close(reference, state, trainer.config.optim.learning_rate)
     assert metrics["objective/scores"] == pytest.approx(ref_metrics["objective/scores"], abs=1e-6)
     # The params really are spread over the mesh (not gathered onto one device).
     kernel = state.params["policy"]["backbone"]["layers"][0]["mlp"]["up_proj"]["kernel"]

@@ -1,0 +1,171 @@
+"""Sequences of different lengths packed into rows of a fixed token budget, and back.
+
+A batch padded to its longest sequence computes every row to that length; packed, several samples
+share a row one after another, each with its own segment id (1, 2, ... within the row; 0 on the
+row's unused tail), its positions restarting at 0, and attention that never crosses segments
+(`rlhf_jax.models.Transformer`'s `segment_ids`). The assignment is decided on the host
+(`first_fit_decreasing`); the arrays are built on the host too (`pack`), and the per-token results
+are gathered back into the padded layout on the device (`unpack`, `next_token_logprobs`), so the
+loss code sees the layout it always did.
+
+    layout = pack(ids, mask, budget)                # numpy, host side
+    hidden, _ = model.backbone(layout.ids, None, segment_ids=layout.segment_ids)
+    logprobs = unpack(next_token_logprobs(logits, layout.ids, layout.segment_ids), layout.index)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.core.ops import token_logprobs
+
+
+def first_fit_decreasing(lengths, budget: int) -> list[list[int]]:
+    """The samples (indices into `lengths`) of each row: longest first, each into the first row with
+    room for it, a new row where none has. Deterministic: equal lengths keep their index order, and
+    each row lists its samples in the order they were placed. Raises ValueError for a sample longer
+    than `budget`."""
+    lengths = [int(n) for n in lengths]
+    too_long = [i for i, n in enumerate(lengths) if n > budget]
+    if too_long:
+        raise ValueError(f"sample {too_long[0]} has {lengths[too_long[0]]} tokens, more than the row budget "
+                         f"of {budget}")
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(budget - lengths[i])
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Samples packed into rows (numpy arrays, built by `pack`).
+
+    ids: int32[rows, budget], the samples' real tokens one after another (`pad_id` after the last);
+    segment_ids: int32[rows, budget], 1, 2, ... for the samples of a row in order, 0 on the tail;
+    index: int32[n, seq], where each token of the padded layout sits in the packed one, as a flat
+      index (row x budget + column), -1 for the padded layout's pads;
+    rows: the samples of each packed row (`first_fit_decreasing`).
+    """
+
+    ids: np.ndarray
+    segment_ids: np.ndarray
+    index: np.ndarray
+    rows: list
+
+    @property
+    def real_fraction(self) -> float:
+        """The share of the packed tokens that belong to a sample."""
+        return float((self.segment_ids > 0).mean())
+
+
+def pack(ids, mask, budget: int, pad_id: int = 0, rows: int | None = None) -> PackedLayout:
+    """Pack the real tokens of each sample (`mask` 1; they must be contiguous in each row, as a
+    left-padded prompt followed by its right-padded response is) into rows of `budget` tokens.
+    `rows`: at least this many packed rows (empty ones appended; e.g. a fixed count for one compiled
+    shape). Raises ValueError where a sample's tokens are not contiguous or do not fit."""
+    ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
+    n, seq = ids.shape
+    lengths = mask.sum(1)
+    starts = mask.argmax(1)
+    ends = starts + lengths
+    gaps = [i for i in range(n) if lengths[i] and not mask[i, starts[i]:ends[i]].all()]
+    if gaps:
+        raise ValueError(f"sample {gaps[0]}'s tokens are not contiguous: packing takes one run of real tokens "
+                         "per sample")
+    assignment = first_fit_decreasing(lengths, budget)
+    count = max(len(assignment), rows or 0)
+    packed_ids = np.full((count, budget), pad_id, np.int32)
+    segments = np.zeros((count, budget), np.int32)
+    index = np.full((n, seq), -1, np.int32)
+    for r, samples in enumerate(assignment):
+        column = 0
+        for segment, i in enumerate(samples, start=1):
+            length = int(lengths[i])
+            packed_ids[r, column:column + length] = ids[i, starts[i]:ends[i]]
+            segments[r, column:column + length] = segment
+            index[i, starts[i]:ends[i]] = r * budget + column + np.arange(length)
+            column += length
+    return PackedLayout(ids=packed_ids, segment_ids=segments, index=index, rows=assignment)
+
+
+def unpack(packed, index, fill=0):
+    """Per-token values of the packed layout [rows, budget, ...] in the padded layout [n, seq, ...]:
+    `fill` where `index` is -1."""
+    flat = packed.reshape((-1,) + packed.shape[2:])
+    taken = jnp.take(flat, jnp.maximum(index, 0), axis=0)
+    valid = (index >= 0).reshape(index.shape + (1,) * (packed.ndim - 2))
+    return jnp.where(valid, taken, fill)
+
+
+def next_tokens(ids, segment_ids, pad_id: int = 0):
+    """Each packed token's successor in its own segment (`pad_id` at a segment's last token and on the
+    tail): the targets a head's log-probs at each packed position are taken of."""
+    ids, segment_ids = np.asarray(ids), np.asarray(segment_ids)
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    return np.pad(np.where(same, ids[:, 1:], pad_id), ((0, 0), (0, 1)), constant_values=pad_id).astype(np.int32)
+
+
+def bucket_rows(needed: int, rows: int, unit: int = 1, buckets: int = 8) -> int:
+    """The packed row count to compile for: the smallest of `buckets` sizes (k/buckets of `rows`, k =
+    1..buckets, each rounded up to a multiple of `unit`, the devices the rows split over) that holds
+    `needed` rows. At most `buckets` shapes, whatever the lengths."""
+    if needed > rows:
+        raise ValueError(f"{needed} packed rows for {rows} samples: the row budget is shorter than a sample")
+    ceil = lambda a, b: -(-a // b)
+    sizes = sorted({ceil(ceil(rows * k, buckets), unit) * unit for k in range(1, buckets + 1)})
+    return next(size for size in sizes if size >= needed)
+
+
+def minibatch_layouts(prompt_ids, prompt_mask, response_ids, response_mask, orders, budget: int, pad_id: int = 0,
+                      unit: int = 1) -> dict:
+    """The packed layout of every minibatch of a rollout (numpy, on the host), for a training forward
+    that runs packed rows and returns per-token results in the padded layout.
+
+    prompt_*: [n, prompt_len] left-padded; response_*: [n, response_len]; orders: int[epochs,
+    minibatches, rows], the rows of each minibatch (`rlhf_jax.core.minibatch.minibatch_orders`).
+    Every minibatch gets the same number of packed rows (`bucket_rows` of the most any needs), so one
+    compiled program serves the whole update. Returns int32 arrays with leading [epochs, minibatches]:
+      packed_ids, segment_ids, targets (`next_tokens`): [rows_packed, budget];
+      gather: [rows, response_len], the flat packed position (row x budget + column) whose outputs
+        predict each response token, -1 under the response mask's zeros (`unpack` fills those).
+    """
+    orders = np.asarray(orders)
+    ids = np.concatenate([np.asarray(prompt_ids), np.asarray(response_ids)], 1)
+    mask = np.concatenate([np.asarray(prompt_mask), np.asarray(response_mask)], 1)
+    prompt_len, response_len = np.shape(prompt_ids)[1], np.shape(response_ids)[1]
+    response_mask = np.asarray(response_mask).astype(bool)
+    epochs, minibatches, rows = orders.shape
+    assignments = [[first_fit_decreasing(mask[order].sum(1), budget) for order in epoch] for epoch in orders]
+    packed_rows = bucket_rows(max(len(a) for epoch in assignments for a in epoch), rows, unit)
+    out = {"packed_ids": np.zeros((epochs, minibatches, packed_rows, budget), np.int32),
+           "segment_ids": np.zeros((epochs, minibatches, packed_rows, budget), np.int32),
+           "targets": np.zeros((epochs, minibatches, packed_rows, budget), np.int32),
+           "gather": np.zeros((epochs, minibatches, rows, response_len), np.int32)}
+    for e in range(epochs):
+        for m in range(minibatches):
+            order = orders[e, m]
+            layout = pack(ids[order], mask[order], budget, pad_id, rows=packed_rows)
+            out["packed_ids"][e, m], out["segment_ids"][e, m] = layout.ids, layout.segment_ids
+            out["targets"][e, m] = next_tokens(layout.ids, layout.segment_ids, pad_id)
+            predicting = layout.index[:, prompt_len - 1:prompt_len - 1 + response_len]
+            out["gather"][e, m] = np.where(response_mask[order], predicting, -1)
+    return out
+
+
+def next_token_logprobs(logits, ids, segment_ids):
+    """f32[rows, budget]: at each token, its log-prob under the logits of the token before it in its
+    own segment (0 at a segment's first token and on the tail): what the padded layout's token
+    log-probs are, position by position, once `unpack`ed."""
+    logp = token_logprobs(logits[:, :-1], ids[:, 1:])
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    return jnp.pad(jnp.where(same, logp, 0.0), ((0, 0), (1, 0)))

@@ -1,0 +1,85 @@
+"""Packed rows: the host-side assignment and layout, and a packed forward that gives each sample the
+log-probs and values it gets alone in the padded batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlhf_jax.core.ops import token_logprobs
+from rlhf_jax.core.packing import first_fit_decreasing, next_token_logprobs, pack, unpack
+from rlhf_jax.models import CausalLM
+from rlhf_jax.models.lora import with_lora
+from tests.models.test_scan_layers import CONFIGS
+
+
+def test_first_fit_decreasing_places_the_longest_first_in_the_first_row_with_room():
+    assert first_fit_decreasing([3, 7, 2, 5, 5, 1], 10) == [[1, 0], [3, 4], [2, 5]]
+    assert first_fit_decreasing([4, 4, 4], 4) == [[0], [1], [2]]
+    assert first_fit_decreasing([], 8) == []
+    with pytest.raises(ValueError, match="sample 1 has 9 tokens, more than the row budget of 8"):
+        first_fit_decreasing([2, 9], 8)
+
+
+def _ragged(rng, n=6, prompt_len=5, response_len=7, vocab=64):
+    """A rollout's layout: left-padded prompts of 2-5 tokens, right-padded responses of 1-7."""
+    prompt_lens = rng.integers(2, prompt_len + 1, n)
+    response_lens = rng.integers(1, response_len + 1, n)
+    ids = rng.integers(1, vocab, (n, prompt_len + response_len)).astype(np.int32)
+    columns = np.arange(prompt_len + response_len)
+    mask = ((columns >= prompt_len - prompt_lens[:, None])
+            & (columns < prompt_len + response_lens[:, None])).astype(np.int32)
+    return np.where(mask > 0, ids, 0), mask
+
+
+def test_pack_places_each_samples_tokens_and_unpack_brings_them_back():
+    ids, mask = _ragged(np.random.default_rng(0))
+    layout = pack(ids, mask, budget=16, pad_id=0, rows=5)
+    lengths = mask.sum(1)
+    assert layout.ids.shape == (5, 16) and not layout.segment_ids[-1].any()  # the extra row stays empty
+    assert sorted(i for row in layout.rows for i in row) == list(range(len(ids)))
+    for r, samples in enumerate(layout.rows):
+        assert list(np.unique(layout.segment_ids[r][layout.segment_ids[r] > 0])) == list(range(1, len(samples) + 1))
+        assert sum(lengths[i] for i in samples) == (layout.segment_ids[r] > 0).sum() <= 16
+    assert layout.real_fraction == lengths.sum() / layout.ids.size
+    np.testing.assert_array_equal(unpack(jnp.asarray(layout.ids), layout.index, fill=-1), np.where(mask > 0, ids, -1))
+    holed = mask.copy()
+    holed[3, 4] = 0  # its last prompt token, between the prompt's first and the response's
+    with pytest.raises(ValueError, match="sample 3's tokens are not contiguous"):
+        pack(ids, holed, budget=16)
+
+
+@pytest.mark.parametrize("name,lora,scan", [("llama", True, False), ("gemma3", False, True), ("gpt2", False, False)])
+def test_a_packed_forward_gives_each_sample_its_own_logprobs_and_values(name, lora, scan):
+    """Positions restart per sample and attention stays inside it (sliding windows, RoPE, learned
+    positions alike): the log-probs of every real token and the value head's values equal the padded
+    batch's, within float32 rounding."""
+    model = CausalLM(CONFIGS[name].replace(scan_layers=scan), rngs=nnx.Rngs(0), value_head=True)
+    if lora:
+        model = with_lora(model, 4, 8.0, ("q_proj", "v_proj", "up_proj"))
+    # Non-zero adapters and value head, so that they count.
+    state = nnx.state(model, nnx.Param)
+    state = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(3), x.shape, x.dtype), state)
+    nnx.update(model, state)
+    ids, mask = _ragged(np.random.default_rng(1), n=7)
+    layout = pack(ids, mask, budget=20)
+    assert len(layout.rows) < len(ids)  # several samples share rows
+
+    out = model(jnp.asarray(ids), jnp.asarray(mask))
+    padded_logp = np.asarray(token_logprobs(out["logits"][:, :-1], jnp.asarray(ids)[:, 1:]))
+    hidden, _ = model.backbone(jnp.asarray(layout.ids), None, segment_ids=jnp.asarray(layout.segment_ids))
+    packed_logp = unpack(next_token_logprobs(model.logits(hidden), jnp.asarray(layout.ids),
+                                             jnp.asarray(layout.segment_ids)), layout.index)
+    predicted = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)  # tokens with a real token before them
+    np.testing.assert_allclose(np.asarray(packed_logp)[:, 1:][predicted], padded_logp[predicted], rtol=1e-5, atol=2e-6)
+    values = unpack(model.values(hidden), layout.index)
+    np.testing.assert_allclose(np.asarray(values)[mask > 0], np.asarray(out["values"])[mask > 0], rtol=1e-5, atol=2e-6)
+    assert np.all(np.asarray(packed_logp)[:, 1:][~predicted] == 0)
+
+
+def test_segment_ids_take_the_place_of_the_attention_mask():
+    model = CausalLM(CONFIGS["llama"], rngs=nnx.Rngs(0))
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="segment_ids"):
+        model.backbone(ids, jnp.ones_like(ids), segment_ids=jnp.ones_like(ids))
