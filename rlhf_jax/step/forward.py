@@ -79,7 +79,7 @@ class TrainingForward:
             if "packed_ids" in mb:
                 values = nnx.merge(self.value_graphdef, critic)(mb["packed_ids"], None, segment_ids=mb["segment_ids"],
                                                                 **self.backbone_options)
-                return hidden, unpack(values, mb["gather"])
+                return hidden, self.unpacked(values, mb)
             ids, mask = join(mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
             return hidden, sequence_values(self.value_graphdef, critic, ids, mask, mb["response_ids"].shape[1],
                                            **self.backbone_options)
