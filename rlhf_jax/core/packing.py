@@ -4,13 +4,14 @@ A batch padded to its longest sequence computes every row to that length; packed
 share a row one after another, each with its own segment id (1, 2, ... within the row; 0 on the
 row's unused tail), its positions restarting at 0, and attention that never crosses segments
 (`rlhf_jax.models.Transformer`'s `segment_ids`). The assignment is decided on the host
-(`first_fit_decreasing`); the arrays are built on the host too (`pack`), and the per-token results
-are gathered back into the padded layout on the device (`unpack`, `next_token_logprobs`), so the
-loss code sees the layout it always did.
+(`first_fit_decreasing`); the arrays are built on the host too (`pack`, `next_tokens`), and the
+per-token results are gathered back into the padded layout on the device (`unpack`), so the loss
+code sees the layout it always did.
 
     layout = pack(ids, mask, budget)                # numpy, host side
     hidden, _ = model.backbone(layout.ids, None, segment_ids=layout.segment_ids)
-    logprobs = unpack(next_token_logprobs(logits, layout.ids, layout.segment_ids), layout.index)
+    logits = model.logits(hidden)                   # each position's log-prob of its successor:
+    logprobs = unpack(token_logprobs(logits, next_tokens(layout.ids, layout.segment_ids)), layout.index)
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
-
-from rlhf_jax.core.ops import token_logprobs
 
 
 def first_fit_decreasing(lengths, budget: int) -> list[list[int]]:
@@ -68,11 +67,11 @@ class PackedLayout:
         return float((self.segment_ids > 0).mean())
 
 
-def pack(ids, mask, budget: int, pad_id: int = 0, rows: int | None = None) -> PackedLayout:
+def pack(ids, mask, budget: int, pad_id: int = 0) -> PackedLayout:
     """Pack the real tokens of each sample (`mask` 1; they must be contiguous in each row, as a
-    left-padded prompt followed by its right-padded response is) into rows of `budget` tokens.
-    `rows`: at least this many packed rows (empty ones appended; e.g. a fixed count for one compiled
-    shape). Raises ValueError where a sample's tokens are not contiguous or do not fit."""
+    left-padded prompt followed by its right-padded response is) into as few rows of `budget` tokens
+    as `first_fit_decreasing` finds. Raises ValueError where a sample's tokens are not contiguous or
+    do not fit."""
     ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
     n, seq = ids.shape
     lengths = mask.sum(1)
@@ -83,9 +82,8 @@ def pack(ids, mask, budget: int, pad_id: int = 0, rows: int | None = None) -> Pa
         raise ValueError(f"sample {gaps[0]}'s tokens are not contiguous: packing takes one run of real tokens "
                          "per sample")
     assignment = first_fit_decreasing(lengths, budget)
-    count = max(len(assignment), rows or 0)
-    packed_ids = np.full((count, budget), pad_id, np.int32)
-    segments = np.zeros((count, budget), np.int32)
+    packed_ids = np.full((len(assignment), budget), pad_id, np.int32)
+    segments = np.zeros((len(assignment), budget), np.int32)
     index = np.full((n, seq), -1, np.int32)
     for r, samples in enumerate(assignment):
         column = 0
@@ -145,27 +143,17 @@ def minibatch_layouts(prompt_ids, prompt_mask, response_ids, response_mask, orde
     prompt_len, response_len = np.shape(prompt_ids)[1], np.shape(response_ids)[1]
     response_mask = np.asarray(response_mask).astype(bool)
     epochs, minibatches, rows = orders.shape
-    assignments = [[first_fit_decreasing(mask[order].sum(1), budget) for order in epoch] for epoch in orders]
-    packed_rows = bucket_rows(max(len(a) for epoch in assignments for a in epoch), rows, unit)
-    out = {"packed_ids": np.zeros((epochs, minibatches, packed_rows, budget), np.int32),
-           "segment_ids": np.zeros((epochs, minibatches, packed_rows, budget), np.int32),
-           "targets": np.zeros((epochs, minibatches, packed_rows, budget), np.int32),
+    layouts = [[pack(ids[order], mask[order], budget, pad_id) for order in epoch] for epoch in orders]
+    packed_rows = bucket_rows(max(len(layout.rows) for epoch in layouts for layout in epoch), rows, unit)
+    shape = (epochs, minibatches, packed_rows, budget)
+    out = {"packed_ids": np.full(shape, pad_id, np.int32), "segment_ids": np.zeros(shape, np.int32),
+           "targets": np.full(shape, pad_id, np.int32),
            "gather": np.zeros((epochs, minibatches, rows, response_len), np.int32)}
-    for e in range(epochs):
-        for m in range(minibatches):
-            order = orders[e, m]
-            layout = pack(ids[order], mask[order], budget, pad_id, rows=packed_rows)
-            out["packed_ids"][e, m], out["segment_ids"][e, m] = layout.ids, layout.segment_ids
-            out["targets"][e, m] = next_tokens(layout.ids, layout.segment_ids, pad_id)
+    for e, epoch in enumerate(layouts):
+        for m, layout in enumerate(epoch):
+            used = len(layout.rows)  # the rows after them stay empty: pads, segment 0
+            out["packed_ids"][e, m, :used], out["segment_ids"][e, m, :used] = layout.ids, layout.segment_ids
+            out["targets"][e, m, :used] = next_tokens(layout.ids, layout.segment_ids, pad_id)
             predicting = layout.index[:, prompt_len - 1:prompt_len - 1 + response_len]
-            out["gather"][e, m] = np.where(response_mask[order], predicting, -1)
+            out["gather"][e, m] = np.where(response_mask[orders[e, m]], predicting, -1)
     return out
-
-
-def next_token_logprobs(logits, ids, segment_ids):
-    """f32[rows, budget]: at each token, its log-prob under the logits of the token before it in its
-    own segment (0 at a segment's first token and on the tail): what the padded layout's token
-    log-probs are, position by position, once `unpack`ed."""
-    logp = token_logprobs(logits[:, :-1], ids[:, 1:])
-    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-    return jnp.pad(jnp.where(same, logp, 0.0), ((0, 0), (1, 0)))

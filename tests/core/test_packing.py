@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from rlhf_jax.core.ops import token_logprobs
-from rlhf_jax.core.packing import first_fit_decreasing, next_token_logprobs, pack, unpack
+from rlhf_jax.core.packing import first_fit_decreasing, next_tokens, pack, unpack
 from rlhf_jax.models import CausalLM
 from rlhf_jax.models.lora import with_lora
 from tests.models.test_scan_layers import CONFIGS
@@ -35,9 +35,9 @@ def _ragged(rng, n=6, prompt_len=5, response_len=7, vocab=64):
 
 def test_pack_places_each_samples_tokens_and_unpack_brings_them_back():
     ids, mask = _ragged(np.random.default_rng(0))
-    layout = pack(ids, mask, budget=16, pad_id=0, rows=5)
+    layout = pack(ids, mask, budget=16, pad_id=0)
     lengths = mask.sum(1)
-    assert layout.ids.shape == (5, 16) and not layout.segment_ids[-1].any()  # the extra row stays empty
+    assert layout.ids.shape == layout.segment_ids.shape == (len(layout.rows), 16)
     assert sorted(i for row in layout.rows for i in row) == list(range(len(ids)))
     for r, samples in enumerate(layout.rows):
         assert list(np.unique(layout.segment_ids[r][layout.segment_ids[r] > 0])) == list(range(1, len(samples) + 1))
@@ -69,13 +69,18 @@ def test_a_packed_forward_gives_each_sample_its_own_logprobs_and_values(name, lo
     out = model(jnp.asarray(ids), jnp.asarray(mask))
     padded_logp = np.asarray(token_logprobs(out["logits"][:, :-1], jnp.asarray(ids)[:, 1:]))
     hidden, _ = model.backbone(jnp.asarray(layout.ids), None, segment_ids=jnp.asarray(layout.segment_ids))
-    packed_logp = unpack(next_token_logprobs(model.logits(hidden), jnp.asarray(layout.ids),
-                                             jnp.asarray(layout.segment_ids)), layout.index)
+    # As the update takes them: each packed position's log-prob of its successor in its segment.
+    targets = next_tokens(layout.ids, layout.segment_ids)
+    packed_logp = unpack(token_logprobs(model.logits(hidden), jnp.asarray(targets)), layout.index)
     predicted = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)  # tokens with a real token before them
-    np.testing.assert_allclose(np.asarray(packed_logp)[:, 1:][predicted], padded_logp[predicted], rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(packed_logp)[:, :-1][predicted], padded_logp[predicted], rtol=1e-5, atol=2e-6)
     values = unpack(model.values(hidden), layout.index)
     np.testing.assert_allclose(np.asarray(values)[mask > 0], np.asarray(out["values"])[mask > 0], rtol=1e-5, atol=2e-6)
-    assert np.all(np.asarray(packed_logp)[:, 1:][~predicted] == 0)
+    # A sample's last token and the unused tail have no successor in their segment: the pad (0) is
+    # their target; every other position's is a real token.
+    segments = layout.segment_ids
+    no_successor = (segments == 0) | (segments != np.pad(segments[:, 1:], ((0, 0), (0, 1))))
+    assert np.all(targets[no_successor] == 0) and np.all(targets[~no_successor] > 0)
 
 
 def test_segment_ids_take_the_place_of_the_attention_mask():

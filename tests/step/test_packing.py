@@ -110,6 +110,8 @@ def test_packed_row_counts_come_from_a_few_buckets():
             real = response_mask[order] > 0
             np.testing.assert_array_equal(layouts["targets"][e, m].reshape(-1)[gather[real]], ids[order, 4:][real])
             assert np.all(gather[~real] == -1)
+            used = (layouts["segment_ids"][e, m] > 0).any(1)
+            assert np.all(np.diff(used.astype(int)) <= 0)  # the rows a minibatch does not need stay empty, last
 
 
 @pytest.mark.parametrize("key,value,message", [
