@@ -422,15 +422,21 @@ def _model_config(config):
     return builtin_model_config(config, vocab)
 
 
+def memory_reports(result: dict) -> dict:
+    """A plan's memory reports by name: each compiled function's, and the continuous engine's own
+    program ("engine") where `--engine_lengths` compiled it."""
+    reports = dict(result["functions"])
+    if "program" in result.get("engine", {}):
+        reports["engine"] = result["engine"]["program"]
+    return reports
+
+
 def format_table(result: dict) -> str:
     rows = [f"{result['topology']}: {result['devices']} devices, mesh {result['mesh']}, "
             f"policy {result['policy_params'] / 1e9:.2f} B params",
             f"{'function':10s}{'args GiB':>10s}{'out GiB':>10s}{'temp GiB':>10s}{'total GiB':>11s}"
             f"{'HBM GiB':>9s}{'compile s':>11s}  fits"]
-    memory = dict(result["functions"])
-    if "program" in result.get("engine", {}):
-        memory["engine"] = result["engine"]["program"]
-    for name, f in memory.items():
+    for name, f in memory_reports(result).items():
         hbm = f"{f['hbm_gib']:.2f}" if f.get("hbm_gib") else "-"
         if "error" in f:
             rows.append(f"{name:10s}{'':>30s}{f['needed_gib']:11.2f}{hbm:>9s}{f['compile_s']:11.1f}  NO")
@@ -483,10 +489,9 @@ def _main(config):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_table(result))
-    memory = dict(result["functions"])
-    if "program" in result.get("engine", {}):
-        memory["the continuous engine's rollout"] = result["engine"]["program"]
-    for name, f in memory.items():
+    for name, f in memory_reports(result).items():
+        if name == "engine":
+            name = "the continuous engine's rollout"
         if not f["fits"]:
             needed = f.get("needed_gib", f.get("total_gib"))
             print(f"does not fit: {name} needs {needed:.2f} GiB per device, {f['hbm_gib']:.2f} GiB available",
