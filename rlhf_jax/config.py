@@ -129,8 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
     # pack_tokens > 0: the update's forwards run each minibatch's samples packed into rows of this many
     # tokens (`rlhf_jax.core.packing`; at least max_prompt_len + max_new_tokens), not padded to the
     # longest: the real tokens' work, whatever the lengths. Each sample then runs its own prompt.
+    # micro_rows > 0 (with pack_tokens): each forward runs this many packed rows per device (a token
+    # budget: micro_rows x pack_tokens), a minibatch as many such micro-batches as its samples fill, their
+    # gradients summed into one optimizer step; 0: a minibatch's rows in one forward, every minibatch
+    # padded to the most rows any needs.
     c.train = ml_collections.ConfigDict(dict(rollout_batch_size=16, num_iterations=10, on_nonfinite="stop",
-                                             num_generations=1, share_prompts=True, pack_tokens=0))
+                                             num_generations=1, share_prompts=True, pack_tokens=0, micro_rows=0))
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=0, max_to_keep=3, async_save=True))
 
@@ -361,15 +365,16 @@ def validate(config, num_devices: int = 1) -> None:
         raise ConfigError(f"config.train.pack_tokens = {pack} is less than a sample's longest "
                           f"(config.data.max_prompt_len + config.sampling.max_new_tokens = "
                           f"{config.data.max_prompt_len + config.sampling.max_new_tokens})")
+    _positive(config, "train.micro_rows", allow_zero=True)
+    if config.train.micro_rows and not pack:
+        raise ConfigError(f"config.train.micro_rows = {config.train.micro_rows} needs config.train.pack_tokens > 0 "
+                          "(micro-batches are of packed rows)")
     if pack and config.model.attention != "xla":
         raise ConfigError(f"config.train.pack_tokens = {pack} needs config.model.attention = 'xla' (the fused "
                           f"kernels take no segment ids here; got {config.model.attention!r})")
     if pack and config.model.logits_chunk and pack % config.model.logits_chunk:
         raise ConfigError(f"config.model.logits_chunk = {config.model.logits_chunk} does not divide "
                           f"config.train.pack_tokens = {pack} (packed, the head runs over each row's tokens)")
-    if pack and config.mesh.distributed:
-        raise ConfigError(f"config.train.pack_tokens = {pack}: packing is laid out on one host, from every row; "
-                          "it does not run with config.mesh.distributed = True yet")
     if config.rl.adaptive_kl and (config.rl.kl_target <= 0 or config.rl.kl_horizon <= 0):
         raise ConfigError("config.rl.adaptive_kl needs config.rl.kl_target > 0 and config.rl.kl_horizon > 0")
     if config.lora.enabled:

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax.core.packing import MICRO_LOSS_SCOPE
+
 
 def minibatch_orders(key, batch_size: int, num_epochs: int, num_minibatches: int, group: int = 1):
     """The rows of every minibatch `ppo_update` takes with `key`: int32[epochs, minibatches, rows],
@@ -40,7 +42,11 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
       orders: int32[epochs, minibatches, rows], the rows of each step (default: `minibatch_orders` of
         `key`), e.g. where the host laid the minibatches out beforehand.
       per_step: arrays with leading [epochs, minibatches] axes, each step's own entries added to its
-        minibatch (a packed layout: `rlhf_jax.core.packing.minibatch_layouts`).
+        minibatch (a packed layout: `rlhf_jax.core.packing.minibatch_layouts`). With `micro_steps`
+        int32[epochs, minibatches] among them, the other arrays have a micro-batch axis after those
+        two: each step runs `loss_fn` on its first `micro_steps` micro-batches (each micro-batch's
+        entries added to the minibatch) and sums their losses, stats and gradients, so `loss_fn`
+        returns each micro-batch's share of the minibatch's loss.
     Returns (params, opt_state, stats): stats are the means over every minibatch step,
     plus `grad_norm` (before clipping) and `nonfinite_steps` (steps whose gradient
     was not finite; those steps are skipped, and the caller decides to stop).
@@ -50,13 +56,33 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
         raise ValueError(f"batch of {batch_size} does not split into {num_minibatches} minibatches")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def accumulated_grads(params, minibatch, micro):
+        steps = micro.pop("micro_steps")
+
+        def one(k, total):
+            own = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, keepdims=False), micro)
+            if shard_minibatch is not None:
+                own = jax.tree.map(shard_minibatch, own)
+            return jax.tree.map(jnp.add, total, grad_fn(params, {**minibatch, **own}))
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(grad_fn, params, {**minibatch, **first}))
+        # A loop of the minibatch's own length: the micro-batches it does not fill never run.
+        with jax.named_scope(MICRO_LOSS_SCOPE):
+            return jax.lax.fori_loop(0, steps, one, zeros)
+
     def minibatch_step(carry, step):
         params, opt_state = carry
         indices, own = step
-        minibatch = {**jax.tree.map(lambda x: x[indices], batch), **own}
+        micro = dict(own) if "micro_steps" in own else None
+        minibatch = {**jax.tree.map(lambda x: x[indices], batch), **({} if micro else own)}
         if shard_minibatch is not None:
             minibatch = jax.tree.map(shard_minibatch, minibatch)
-        (loss, stats), grads = grad_fn(params, minibatch)
+        if micro:
+            (loss, stats), grads = accumulated_grads(params, minibatch, micro)
+        else:
+            (loss, stats), grads = grad_fn(params, minibatch)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             stats = jax.lax.pmean(stats, axis_name)

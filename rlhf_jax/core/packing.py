@@ -125,17 +125,23 @@ def bucket_rows(needed: int, rows: int, unit: int = 1, buckets: int = 8) -> int:
 
 
 def minibatch_layouts(prompt_ids, prompt_mask, response_ids, response_mask, orders, budget: int, pad_id: int = 0,
-                      unit: int = 1) -> dict:
+                      unit: int = 1, micro_rows: int = 0) -> dict:
     """The packed layout of every minibatch of a rollout (numpy, on the host), for a training forward
     that runs packed rows and returns per-token results in the padded layout.
 
     prompt_*: [n, prompt_len] left-padded; response_*: [n, response_len]; orders: int[epochs,
     minibatches, rows], the rows of each minibatch (`rlhf_jax.core.minibatch.minibatch_orders`).
-    Every minibatch gets the same number of packed rows (`bucket_rows` of the most any needs), so one
-    compiled program serves the whole update. Returns int32 arrays with leading [epochs, minibatches]:
+    Returns int32 arrays with leading [epochs, minibatches]:
       packed_ids, segment_ids, targets (`next_tokens`): [rows_packed, budget];
       gather: [rows, response_len], the flat packed position (row x budget + column) whose outputs
         predict each response token, -1 under the response mask's zeros (`unpack` fills those).
+    With `micro_rows` 0, every minibatch gets the same number of packed rows (`bucket_rows` of the
+    most any needs), so one compiled program serves the whole update. With `micro_rows` > 0, each
+    minibatch's rows are cut into micro-batches of `micro_rows` x `unit` rows (a token budget per
+    device and forward): the arrays gain a micro-batch axis after [epochs, minibatches] (its length a
+    bucket of the most any minibatch needs), each micro-batch's `gather` is -1 for the minibatch's
+    samples it does not hold, and `micro_steps` int32[epochs, minibatches] counts the micro-batches
+    each minibatch fills (they come first; the update runs only those).
     """
     orders = np.asarray(orders)
     ids = np.concatenate([np.asarray(prompt_ids), np.asarray(response_ids)], 1)
@@ -144,16 +150,71 @@ def minibatch_layouts(prompt_ids, prompt_mask, response_ids, response_mask, orde
     response_mask = np.asarray(response_mask).astype(bool)
     epochs, minibatches, rows = orders.shape
     layouts = [[pack(ids[order], mask[order], budget, pad_id) for order in epoch] for epoch in orders]
-    packed_rows = bucket_rows(max(len(layout.rows) for epoch in layouts for layout in epoch), rows, unit)
-    shape = (epochs, minibatches, packed_rows, budget)
+    needed = max(len(layout.rows) for epoch in layouts for layout in epoch)
+    if micro_rows:
+        per_micro = micro_rows * unit
+        ceil = lambda a, b: -(-a // b)
+        micros = bucket_rows(ceil(needed, per_micro), ceil(rows, per_micro))
+        packed_rows, lead = per_micro, (epochs, minibatches, micros)
+    else:
+        packed_rows, lead = bucket_rows(needed, rows, unit), (epochs, minibatches)
+    shape = lead + (packed_rows, budget)
     out = {"packed_ids": np.full(shape, pad_id, np.int32), "segment_ids": np.zeros(shape, np.int32),
-           "targets": np.full(shape, pad_id, np.int32),
-           "gather": np.zeros((epochs, minibatches, rows, response_len), np.int32)}
+           "targets": np.full(shape, pad_id, np.int32), "gather": np.full(lead + (rows, response_len), -1, np.int32)}
+    if micro_rows:
+        out["micro_steps"] = np.zeros((epochs, minibatches), np.int32)
     for e, epoch in enumerate(layouts):
         for m, layout in enumerate(epoch):
-            used = len(layout.rows)  # the rows after them stay empty: pads, segment 0
-            out["packed_ids"][e, m, :used], out["segment_ids"][e, m, :used] = layout.ids, layout.segment_ids
-            out["targets"][e, m, :used] = next_tokens(layout.ids, layout.segment_ids, pad_id)
+            # The rows after the used ones stay empty: pads, segment 0.
+            ids_, segments = layout.ids, layout.segment_ids
+            targets = next_tokens(ids_, segments, pad_id)
             predicting = layout.index[:, prompt_len - 1:prompt_len - 1 + response_len]
-            out["gather"][e, m] = np.where(response_mask[orders[e, m]], predicting, -1)
+            predicting = np.where(response_mask[orders[e, m]], predicting, -1)
+            if not micro_rows:
+                used = len(layout.rows)
+                out["packed_ids"][e, m, :used], out["segment_ids"][e, m, :used] = ids_, segments
+                out["targets"][e, m, :used] = targets
+                out["gather"][e, m] = predicting
+                continue
+            steps = -(-len(layout.rows) // packed_rows)
+            out["micro_steps"][e, m] = steps
+            row_of = predicting // budget  # each response token's packed row (-1 // budget stays negative)
+            for k in range(steps):
+                first, last = k * packed_rows, min((k + 1) * packed_rows, len(layout.rows))
+                used = last - first
+                out["packed_ids"][e, m, k, :used] = ids_[first:last]
+                out["segment_ids"][e, m, k, :used] = segments[first:last]
+                out["targets"][e, m, k, :used] = targets[first:last]
+                held = (row_of >= first) & (row_of < last)
+                out["gather"][e, m, k] = np.where(held, predicting - first * budget, -1)
     return out
+
+
+# The named scopes of the micro-batch loops (the update's, `rlhf_jax.core.minibatch.ppo_update`, and
+# its scoring pass's, `rlhf_jax.step.forward.TrainingForward.score`), by which an HLO reader finds them.
+MICRO_LOSS_SCOPE, MICRO_SCORE_SCOPE = "micro_loss", "micro_score"
+
+
+def micro_trips(layouts: dict) -> dict | None:
+    """How often each micro-batch loop of a packed update runs, on average over its runs, by loop
+    scope (`rlhf_jax.plan.hlo.program_costs`' `trips`: the costs are linear in them, so a mean is
+    exact); None without micro-batches. The scoring pass runs the first epoch's layout."""
+    if "micro_steps" not in layouts:
+        return None
+    steps = np.asarray(layouts["micro_steps"], np.float64)
+    return {MICRO_LOSS_SCOPE: float(steps.mean()), MICRO_SCORE_SCOPE: float(steps[0].mean())}
+
+
+def packing_stats(layouts: dict) -> dict:
+    """What a packed update computes (`minibatch_layouts`' arrays, over every epoch): the packed rows of
+    one forward, the tokens the forwards run (the micro-batches a minibatch fills, where there are),
+    and the share of them that belong to a sample."""
+    segments = np.asarray(layouts["segment_ids"])
+    row_tokens = segments.shape[-1] * segments.shape[-2]
+    if "micro_steps" in layouts:
+        computed = int(np.asarray(layouts["micro_steps"]).sum()) * row_tokens
+    else:
+        computed = int(np.prod(segments.shape[:2])) * row_tokens
+    real = int((segments > 0).sum())
+    return {"rows": segments.shape[-2], "computed_tokens": computed, "real_tokens": real,
+            "real_fraction": real / computed}

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.config import ConfigError, uses_value, validate, validate_lengths
+from rlhf_jax.core.packing import packing_stats
 from rlhf_jax.models.lora import save_adapters
 from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.parallel.attention import validate_attention
@@ -272,8 +273,9 @@ class RLTrainer:
         state, metrics = self.update_fn(state, rollout, device_scores, self.frozen, self.update_reference, packing)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if packing is not None:
-            metrics["packing/rows"] = float(packing["segment_ids"].shape[2])
-            metrics["packing/real_fraction"] = float((packing["segment_ids"] > 0).mean())
+            packed = packing_stats(packing)
+            metrics["packing/rows"] = float(packed["rows"])
+            metrics["packing/real_fraction"] = packed["real_fraction"]
         timings["time/update"] = time.perf_counter() - t0
 
         nonfinite = metrics["nonfinite_steps"]

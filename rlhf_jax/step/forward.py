@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.core.losses import lm_token_stats
-from rlhf_jax.core.packing import unpack
+from rlhf_jax.core.packing import MICRO_SCORE_SCOPE, unpack
 from rlhf_jax.models.transformer import Pins
 from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.parallel.attention import make_attend
@@ -114,14 +114,31 @@ class TrainingForward:
         """The reference's log-probs ("ref_logprobs", if `ref`) and, if asked, the policy's ("logprobs")
         and its values ("values") for a rollout `batch`, one minibatch of `order` (int32[minibatches,
         rows]) at a time, returned in row order. `packed`: each of those minibatches' packed layout
-        (leading axis: minibatches)."""
+        (leading axis: minibatches; with `micro_steps`, run micro-batch by micro-batch as the update does)."""
         forward = self.forward(frozen)
+        shard = (lambda tree: jax.tree.map(self.shard_batch, tree)) if self.shard_batch is not None else (lambda t: t)
 
         def one(step):
             indices, own = step
-            mb = {**jax.tree.map(lambda x: x[indices], batch), **own}
-            if self.shard_batch is not None:
-                mb = jax.tree.map(self.shard_batch, mb)
+            if "micro_steps" in own:
+                return micro_batches(shard(jax.tree.map(lambda x: x[indices], batch)), dict(own))
+            return scored(shard({**jax.tree.map(lambda x: x[indices], batch), **own}))
+
+        def micro_batches(mb, micro):
+            # Each sample's tokens are in one micro-batch and the others' `gather` fills 0 there:
+            # the sum over the micro-batches a minibatch fills is each token's value, bit for bit.
+            steps = micro.pop("micro_steps")
+
+            def add(k, total):
+                own = shard(jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, keepdims=False), micro))
+                return jax.tree.map(jnp.add, total, scored({**mb, **own}))
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(scored, {**mb, **first}))
+            with jax.named_scope(MICRO_SCORE_SCOPE):
+                return jax.lax.fori_loop(0, steps, add, zeros)
+
+        def scored(mb):
             out = {}
             if ref:
                 ref_model = self.reference(reference, frozen)
@@ -134,9 +151,9 @@ class TrainingForward:
                     out["logprobs"] = self.token_stats(hidden, mb, lambda h: self.head(frozen)(params, h))[0]
             return out
 
-        scored = jax.lax.map(one, (order, packed or {}))
+        results = jax.lax.map(one, (order, packed or {}))
         inverse = jnp.argsort(order.reshape(-1))
-        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[inverse], scored)
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[inverse], results)
 
 
 def make_scoring(config, *, policy_graphdef, ref_graphdef=None, value_graphdef=None, mesh=None):

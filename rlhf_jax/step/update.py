@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from rlhf_jax.config import uses_value
 from rlhf_jax.core import advantages as adv_lib
@@ -86,6 +87,18 @@ def advantage_estimator(config) -> Callable:
     return group_baseline
 
 
+def micro_shares(mask, gather):
+    """A packed (micro-)batch's part of its minibatch: the loss mask of the samples' tokens it holds
+    (`gather` >= 0), and, by aggregation mode, the share of the minibatch's mean that its own mean is
+    (token: its tokens over the minibatch's; sequence: its sequences over the minibatch's; constant:
+    1, the divisor being fixed). Summed over a minibatch's micro-batches, the shared means are the
+    minibatch's means (all but the ratio's variance, which comes out as the token-weighted mean of the
+    micro-batches' variances); for a whole packed minibatch every share is exactly 1."""
+    full, mask = mask, mask & (gather >= 0)
+    ratio = lambda part, whole: jnp.sum(part) / jnp.maximum(jnp.sum(whole), 1)
+    return mask, {"token": ratio(mask, full), "sequence": ratio(mask.any(-1), full.any(-1)), "constant": 1.0}
+
+
 def make_loss(config, fwd: TrainingForward, frozen, kl_coef) -> Callable:
     """The loss of one minibatch, `loss(params, minibatch) -> (loss, stats)`, for `ppo_update`: the
     clipped surrogate of the policy's log-probs (from `fwd`, divided by the sampling temperature as the
@@ -105,21 +118,28 @@ def make_loss(config, fwd: TrainingForward, frozen, kl_coef) -> Callable:
         outputs, values = forward(params, mb)
         logprobs, token_entropy = fwd.token_stats(outputs, mb, lambda h: head(params, h))
         mask = mb["loss_mask"] if "loss_mask" in mb else mb["response_mask"].astype(bool)
+        share = {}  # by aggregation mode: the part of the minibatch's mean this (micro-)batch holds
+        if "gather" in mb:
+            mask, share = micro_shares(mask, mb["gather"])
+        part = lambda x, mode="token": x * share[mode] if share else x
         pg, pg_stats = clipped_surrogate(logprobs, mb["logprobs"], mb["advantages"], mask, clip_low=p.cliprange,
                                          clip_high=p.cliprange_high or p.cliprange, level=p.ratio_level,
                                          aggregation=p.loss_aggregation, max_len=config.sampling.max_new_tokens,
                                          weights=mb.get("sampler_weights"))
-        entropy = masked_mean(token_entropy, mask)
+        pg = part(pg, p.loss_aggregation)
+        entropy = part(masked_mean(token_entropy, mask))
         total = pg - p.ent_coef * entropy if p.ent_coef else pg
-        stats = {names[k]: v for k, v in {**pg_stats, "entropy": entropy}.items() if k in names}
+        stats = {names[k]: part(v) if k != "entropy" else v for k, v in {**pg_stats, "entropy": entropy}.items()
+                 if k in names}
         stats["loss/policy_avg"] = pg
         if critic:
             vf, vf_stats = value_loss(values, mb["values"], mb["returns"], mask, p.cliprange_value, p.loss_aggregation)
+            vf = part(vf, p.loss_aggregation)
             total = total + p.vf_coef * vf
-            stats.update({"loss/value_avg": vf, "val/clipfrac_avg": vf_stats["clipfrac"]})
+            stats.update({"loss/value_avg": vf, "val/clipfrac_avg": part(vf_stats["clipfrac"])})
         if "ref_logprobs" in mb and p.kl_in_loss:
-            kl = kl_penalty_loss(logprobs, mb["ref_logprobs"], mask, p.kl_loss_estimator,
-                                 "token" if p.loss_aggregation == "constant" else p.loss_aggregation)
+            kl_mode = "token" if p.loss_aggregation == "constant" else p.loss_aggregation
+            kl = part(kl_penalty_loss(logprobs, mb["ref_logprobs"], mask, p.kl_loss_estimator, kl_mode), kl_mode)
             total = total + kl_coef * kl
             stats["loss/kl_avg"] = kl
         return total, stats
@@ -249,8 +269,12 @@ def packed_minibatches(config, state_key, rollout: Rollout, pad_id: int = 0, uni
     p = config.rl
     orders = np.asarray(minibatch_orders(jax.random.split(state_key)[1], rollout.response_mask.shape[0],
                                          p.num_ppo_epochs, p.num_mini_batches))
-    arrays = jax.device_get((rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask))
-    return {"orders": orders, **minibatch_layouts(*arrays, orders, config.train.pack_tokens, pad_id, unit)}
+    # Every process lays out the whole batch, the same way (with several, each first gathers the
+    # token arrays, a few bytes a token): the layout is an argument every process passes alike.
+    arrays = [np.asarray(x) if x.is_fully_addressable else np.asarray(multihost_utils.process_allgather(x, tiled=True))
+              for x in (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)]
+    return {"orders": orders, **minibatch_layouts(*arrays, orders, config.train.pack_tokens, pad_id, unit,
+                                                  config.train.micro_rows)}
 
 
 class StateSharded:

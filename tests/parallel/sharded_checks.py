@@ -62,13 +62,14 @@ def assert_params_close(reference, state, lr, steps=4):
 
 
 def test_packed_ppo_iteration_on_a_2x4_mesh_matches_single_device(single_device, tmp_path):
-    """`train.pack_tokens` on a (2, 4, 1) mesh: the packed rows split over the 8 batch devices, and the
-    iteration's update gives the unpacked single-device one's params and metrics."""
+    """`train.pack_tokens` on a (2, 4, 1) mesh, in micro-batches of one packed row per device: the rows
+    split over the 8 batch devices, and the iteration's update gives the unpacked single-device one's
+    params and metrics."""
     _, reference, ref_metrics = single_device
     config = mesh_config(2, 4, 1)
-    config.train.pack_tokens = 16
+    config.train.update(pack_tokens=16, micro_rows=1)
     trainer, state, metrics = one_iteration(config, tmp_path)
-    assert metrics["packing/rows"] % 8 == 0 and 0 < metrics["packing/real_fraction"] <= 1
+    assert metrics["packing/rows"] == 8 and 0 < metrics["packing/real_fraction"] <= 1
     assert_params_close(reference, state, trainer.config.optim.learning_rate)
     for key in ("objective/scores", "objective/kl", "policy/approxkl_avg", "loss/value_avg"):
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-4, abs=1e-6), key

@@ -1,6 +1,7 @@
 """The command line as 2 processes x 2 CPU devices (jax.distributed on 127.0.0.1) against 1 process x
-4 devices: equal metrics, one metrics.jsonl, SIGTERM on one host stopping both after the same
-iteration and an exact resume, and a reward that fails on one host ending both, not hanging."""
+4 devices, with packed updates: equal metrics, one metrics.jsonl, SIGTERM on one host stopping both
+after the same iteration and an exact resume, and a reward that fails on one host ending both, not
+hanging."""
 
 import json
 import os
@@ -75,7 +76,8 @@ def assert_same_metrics(a, b):
 
 def test_two_processes_train_resume_and_fail_together(tmp_path, launcher):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    iterations = ["--config.train.num_iterations=5"]
+    # Packed updates: each host lays out the whole batch (gathered), the same way.
+    iterations = ["--config.train.num_iterations=5", "--config.train.pack_tokens=12", "--config.train.micro_rows=1"]
     single = launcher(one, 4, *iterations)
     # The slow reward (1 s) lets SIGTERM land mid-run; it scores like the default reward.
     pair = launcher(two, 2, *iterations, "--config.reward.function=tests.host_rewards:slow", two_hosts=True)

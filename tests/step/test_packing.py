@@ -24,7 +24,7 @@ def _trainer(tmp_path, **overrides):
     return c, RLTrainer(c, str(tmp_path))
 
 
-def _ragged_rollout(trainer, state):
+def _ragged_rollout(trainer, state, seed=0):
     """The trainer's rollout with responses cut at 1-8 tokens (and one prompt shortened)."""
     rows = [trainer.prompt_ids[:16], trainer.prompt_mask[:16]]
     rows[1] = rows[1].copy()
@@ -32,7 +32,7 @@ def _ragged_rollout(trainer, state):
     rows[0] = rows[0] * rows[1]
     rollout = trainer.rollout_fn(trainer.policy_params(state), *map(trainer.to_device_batch, rows),
                                  jax.random.PRNGKey(0))
-    lengths = np.random.default_rng(0).integers(1, 9, 16)
+    lengths = np.random.default_rng(seed).integers(1, 9, 16)
     keep = np.arange(8) < lengths[:, None]
     return rollout.replace(response_ids=jnp.where(keep, rollout.response_ids, trainer.pad_id),
                            response_mask=jnp.asarray(keep, jnp.int32),
@@ -44,18 +44,27 @@ def _ragged_rollout(trainer, state):
 # PPO with the value head on the policy's trunk (the default): the packed iteration on a 2x4 mesh in
 # tests/parallel/sharded_checks.py.
 @pytest.mark.parametrize("overrides", [
-    dict(model__value_model="separate", model__scan_layers=True),
+    dict(model__value_model="separate", model__scan_layers=True, train__micro_rows=2),
     dict(algorithm="grpo", train__num_generations=4, lora__enabled=True, lora__rank=4, rl__kl_in_loss=True,
          rl__kl_loss_estimator="k3"),
-], ids=["ppo_separate_scanned", "grpo_lora"])
+    dict(algorithm="grpo", train__num_generations=4, lora__enabled=True, lora__rank=4, train__micro_rows=1,
+         rl__loss_aggregation="sequence"),
+], ids=["ppo_separate_scanned_micro", "grpo_lora", "grpo_micro"])
 def test_the_packed_update_equals_the_padded_one(tmp_path, overrides):
     c, trainer = _trainer(tmp_path, **overrides)
     state = trainer.init_state()
     rollout = _ragged_rollout(trainer, state)
     scores = trainer.to_device_batch(np.arange(16, dtype=np.float32) % 3)
     packing = packed_minibatches(c, state.key, rollout, trainer.pad_id)
-    # Every sample packed once per epoch, in fewer rows than the padded minibatch's 8.
-    assert packing["orders"].shape == (2, 2, 8) and packing["packed_ids"].shape[2] < 8
+    # Every sample packed once per epoch, in fewer rows than the padded minibatch's 8 (in micro-batches
+    # of one row, several).
+    assert packing["orders"].shape == (2, 2, 8)
+    if c.train.micro_rows:
+        micros = bucket_rows(packing["micro_steps"].max(), -(-8 // c.train.micro_rows))
+        assert packing["packed_ids"].shape[2:4] == (micros, c.train.micro_rows)
+        assert packing["micro_steps"].max() > 1 and packing["micro_steps"].min() >= 1
+    else:
+        assert packing["packed_ids"].shape[2] < 8
     real = int(np.asarray(rollout.prompt_mask).sum() + np.asarray(rollout.response_mask).sum())
     assert (packing["segment_ids"] > 0).sum() == 2 * real
 
@@ -82,7 +91,8 @@ def test_the_packed_update_equals_the_padded_one(tmp_path, overrides):
     packed_state, metrics = trainer.update_fn(copy(), rollout, scores, trainer.frozen, trainer.update_reference,
                                               packing)
     assert plain.keys() == metrics.keys()
-    for key in plain:
+    # In micro-batches val/ratio_var is the token-weighted mean of theirs (a variance does not add up).
+    for key in set(plain) - ({"val/ratio_var"} if c.train.micro_rows else set()):
         assert float(metrics[key]) == pytest.approx(float(plain[key]), rel=1e-4, abs=1e-5), key
     for a, b in zip(jax.tree.leaves(packed_state.params), jax.tree.leaves(plain_state.params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -114,12 +124,45 @@ def test_packed_row_counts_come_from_a_few_buckets():
             assert np.all(np.diff(used.astype(int)) <= 0)  # the rows a minibatch does not need stay empty, last
 
 
+def test_ragged_rollouts_share_a_few_compiled_updates(tmp_path):
+    # Whatever the lengths, the layouts' shapes come from at most 8 micro-batch counts...
+    rng = np.random.default_rng(1)
+    orders = np.stack([rng.permutation(16).reshape(2, 8) for _ in range(2)])
+    shapes = set()
+    for _ in range(100):
+        response_mask = (np.arange(8) < rng.integers(1, 9, (16, 1))).astype(np.int32)
+        layouts = minibatch_layouts(np.ones((16, 4)), np.ones((16, 4)), np.ones((16, 8)), response_mask, orders,
+                                    BUDGET, micro_rows=1)
+        shapes.add(tuple((k, v.shape) for k, v in sorted(layouts.items())))
+    assert 1 < len(shapes) <= 8
+    # ...and rollouts of other lengths in the same bucket run the program already compiled.
+    c, trainer = _trainer(tmp_path, algorithm="grpo", train__num_generations=4, lora__enabled=True, lora__rank=4,
+                          train__micro_rows=1)
+    state = trainer.init_state()
+    scores = trainer.to_device_batch(np.arange(16, dtype=np.float32) % 3)
+    seen = {}
+    for seed in range(4):
+        rollout = _ragged_rollout(trainer, state, seed)
+        packing = packed_minibatches(c, state.key, rollout, trainer.pad_id)
+        shape = packing["packed_ids"].shape
+        state, _ = trainer.update_fn(state, rollout, scores, trainer.frozen, trainer.update_reference, packing)
+        seen.setdefault(shape, set()).add(tuple(np.asarray(rollout.lengths)))
+    assert max(len(lengths) for lengths in seen.values()) > 1  # two rollouts of other lengths shared a shape
+    assert trainer.update_fn._cache_size() == len(seen)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("train.pack_tokens", 10, "config.train.pack_tokens = 10 is less than a sample's longest"),
     ("model.attention", "splash", "config.train.pack_tokens = 24 needs config.model.attention = 'xla'"),
     ("model.logits_chunk", 5, "config.model.logits_chunk = 5 does not divide"),
+    ("train.micro_rows", -1, "config.train.micro_rows"),
 ])
 def test_packing_config_errors_name_the_key(key, value, message):
     c = common.config(**{"train__pack_tokens": BUDGET, key.replace(".", "__"): value})
     with pytest.raises(ConfigError, match=message):
         validate(c)
+
+
+def test_micro_batches_need_packing():
+    with pytest.raises(ConfigError, match=r"config.train.micro_rows = 2 needs config.train.pack_tokens > 0"):
+        validate(common.config(train__micro_rows=2))
