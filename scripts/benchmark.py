@@ -93,7 +93,8 @@ def make_config(args, tok_dir, rm_dir, prompts):
     c.tokenizer.path = tok_dir
     c.data.update(path=prompts, max_prompt_len=args.prompt_len)
     c.sampling.update(max_new_tokens=args.response_len, temperature=0.7)
-    c.train.update(rollout_batch_size=args.batch, num_iterations=args.iters + 1)
+    c.train.update(rollout_batch_size=args.batch, num_iterations=args.iters + 1, pack_tokens=args.pack_tokens,
+                   micro_rows=args.micro_rows)
     c.rl.update(num_ppo_epochs=1, num_mini_batches=1, old_logprobs=args.old_logprobs)
     if args.algorithm == "ppo":
         c.reward.update(kind="model", model_path=rm_dir)
@@ -125,18 +126,23 @@ def measure_peak(width: int, tokens: int) -> float:
     return 2 * tokens * width * 4 * width / statistics.median(times)
 
 
-def compiled_flops(jitted, *args, **kwargs) -> float:
+def compiled_flops(jitted, *args, trips=None, **kwargs) -> float:
     """Matmul FLOPs of one call, read from the compiled program with every loop counted as often as
-    it runs (`rlhf_jax.plan.hlo`; XLA's own cost analysis counts the decode loop's body once)."""
+    it runs (`rlhf_jax.plan.hlo`; XLA's own cost analysis counts the decode loop's body once; `trips`:
+    the runs of the loops the data sizes, as `program_costs` takes them)."""
     from rlhf_jax.plan.hlo import program_costs
-    return program_costs(jitted.lower(*args, **kwargs).compile().as_text()).flops
+    return program_costs(jitted.lower(*args, **kwargs).compile().as_text(), trips).flops
 
 
 def run_ours(args) -> dict:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
+    from rlhf_jax.core.packing import micro_trips, packing_stats
+    from rlhf_jax.parallel.sharding import batch_devices
     from rlhf_jax.run.trainer import RLTrainer
+    from rlhf_jax.step.update import packed_minibatches
 
     root = tempfile.mkdtemp(prefix="rlhf_bench_")
     tok_dir, rm_dir, prompts = build_assets(root, args)
@@ -168,7 +174,18 @@ def run_ours(args) -> dict:
     rollout_kwargs = dict(reward_params=trainer.rm_params)
     rollout = trainer.rollout_fn(*rollout_args, **rollout_kwargs)
     scores = trainer.to_device_batch(jnp.zeros((args.batch,), jnp.float32))
-    update_flops = compiled_flops(trainer.update_fn, state, rollout, scores, trainer.frozen, trainer.update_reference)
+    # The share of the tokens the update's forwards compute that are a sample's (padded or packed).
+    real = int(np.asarray(rollout.prompt_mask).sum() + np.asarray(rollout.response_mask).sum())
+    packing, trips = None, None
+    if config.train.pack_tokens:
+        packing = packed_minibatches(config, state.key, rollout, trainer.pad_id, batch_devices(trainer.mesh))
+        stats = packing_stats(packing)
+        real_fraction = stats["real_fraction"]
+        trips = micro_trips(packing)
+    else:
+        real_fraction = real / (args.batch * (args.prompt_len + args.response_len))
+    update_flops = compiled_flops(trainer.update_fn, state, rollout, scores, trainer.frozen, trainer.update_reference,
+                                  packing, trips=trips)
     rollout_flops = compiled_flops(trainer.rollout_fn, *rollout_args, **rollout_kwargs)
     total_flops = update_flops + rollout_flops
     peak = measure_peak(args.width, args.batch * (args.prompt_len + args.response_len))
@@ -184,6 +201,7 @@ def run_ours(args) -> dict:
         "matmul_peak_gflops": peak / 1e9,
         "compile_s": compile_s,
         "compiles_after_first": int(compiles_after),
+        "update_real_fraction": real_fraction,
     }
 
 
@@ -240,6 +258,8 @@ def main():
     parser.add_argument("--old_logprobs", choices=["auto", "recompute", "sampler"], default="auto")
     parser.add_argument("--share_prompts", choices=["on", "off"], default="on",
                         help="with --algorithm grpo: train.share_prompts (each prompt run once for its group)")
+    parser.add_argument("--pack_tokens", type=int, default=0, help="train.pack_tokens (0: padded rows)")
+    parser.add_argument("--micro_rows", type=int, default=0, help="train.micro_rows (with --pack_tokens)")
     parser.add_argument("--peers", action="store_true",
                         help="also run TRL and Tunix (benchmarks/peers, after its setup_peers.sh), alternating")
     parser.add_argument("--rounds", type=int, default=2, help="with --peers: alternating rounds")

@@ -16,12 +16,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rlhf_jax.config import uses_value
+from rlhf_jax.core.minibatch import minibatch_orders
+from rlhf_jax.core.packing import micro_trips, minibatch_layouts
 from rlhf_jax.models import CausalLM, ModelConfig, ScalarModel
 from rlhf_jax.models.lora import TRAINABLE, with_lora
-from rlhf_jax.parallel.sharding import batch_sharding, param_shardings, replicated, state_shardings
+from rlhf_jax.parallel.sharding import batch_devices, batch_sharding, param_shardings, replicated, state_shardings
 from rlhf_jax.sampling.rollout import make_rollout
 from rlhf_jax.step.state import init_train_state, make_optimizer
 from rlhf_jax.step.update import make_update
@@ -48,6 +51,10 @@ class AbstractIteration:
     # What a run keeps on the devices between calls, each buffer once: the train state, the frozen
     # LoRA base, the reference's own weights (none when it is that base) and a reward model's.
     resident: dict
+    # With `train.pack_tokens`: the update's packed layout (numpy; `update_args` ends with its shapes)
+    # and the mean trips of its micro-batch loops (`rlhf_jax.plan.hlo.program_costs`' `trips`).
+    packing: dict | None = None
+    update_trips: dict | None = None
 
     def lower_rollout(self):
         return self.rollout_fn.lower(*self.rollout_args, **self.rollout_kwargs)
@@ -57,11 +64,13 @@ class AbstractIteration:
 
 
 def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: ModelConfig | None = None,
-                       eos_ids=(1,), pad_id: int = 0) -> AbstractIteration:
+                       eos_ids=(1,), pad_id: int = 0, response_lengths=None) -> AbstractIteration:
     """The rollout and update of `config` for a policy of `model_cfg` on `mesh`, with abstract arguments.
 
     The batch is `config.train.rollout_batch_size` prompts of `config.data.max_prompt_len` tokens. A
     learned reward model (`config.reward.kind = "model"`) has `reward_cfg` (default: the policy's).
+    With `train.pack_tokens`, the update runs the packed layout of those prompts and responses of
+    `response_lengths` tokens (default: every one at `max_new_tokens`), laid out as the trainer would.
     """
     value = uses_value(config)
     shared = value and config.model.value_model == "shared"
@@ -110,5 +119,26 @@ def abstract_iteration(config, model_cfg: ModelConfig, mesh, *, reward_cfg: Mode
     update_fn = make_update(config, policy_graphdef=policy_graphdef, ref_graphdef=ref_graphdef,
                             value_graphdef=value_graphdef, eos_ids=eos_ids, optimizer=optimizer, mesh=mesh)
     resident = {"state": state, "frozen": frozen, "reference": ref_snapshot, "reward": reward_params}
-    return AbstractIteration(rollout_fn, update_fn, rollout_args, rollout_kwargs,
-                             (state, rollout, scores, frozen, ref_snapshot), resident)
+    update_args, packing, trips = (state, rollout, scores, frozen, ref_snapshot), None, None
+    if config.train.pack_tokens:
+        packing = packed_layout(config, mesh, response_lengths)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), packing)
+        update_args = update_args + (abstract,)
+        trips = micro_trips(packing)
+    return AbstractIteration(rollout_fn, update_fn, rollout_args, rollout_kwargs, update_args, resident, packing, trips)
+
+
+def packed_layout(config, mesh, response_lengths=None) -> dict:
+    """The update's `packing` argument for a batch of full-length prompts and responses of
+    `response_lengths` tokens (default: all at `sampling.max_new_tokens`), as the trainer lays it out
+    (`rlhf_jax.step.update.packed_minibatches`), in numpy."""
+    batch, prompt_len = config.train.rollout_batch_size, config.data.max_prompt_len
+    budget = config.sampling.max_new_tokens
+    lengths = np.full(batch, budget) if response_lengths is None else np.asarray(response_lengths)
+    response_mask = (np.arange(budget) < lengths[:, None]).astype(np.int32)
+    p = config.rl
+    orders = np.asarray(minibatch_orders(jax.random.PRNGKey(0), batch, p.num_ppo_epochs, p.num_mini_batches))
+    ones = np.ones((batch, prompt_len), np.int32)
+    return {"orders": orders, **minibatch_layouts(ones, ones, response_mask, response_mask, orders,
+                                                  config.train.pack_tokens, unit=batch_devices(mesh),
+                                                  micro_rows=config.train.micro_rows)}

@@ -96,10 +96,12 @@ def _hbm_needed(message: str):
     return float(match.group(1)) * unit[match.group(2)], float(match.group(3)) * unit[match.group(4)]
 
 
-def compile_report(lowered_fn, resident_bytes: int, extra_bytes: int, hbm_gib: float | None, chip=None):
+def compile_report(lowered_fn, resident_bytes: int, extra_bytes: int, hbm_gib: float | None, chip=None,
+                   trips: dict | None = None):
     """Compile one function and measure it: (report, compiled or None when it does not fit).
     `resident_bytes`: what stays on the device anyway (the train state, frozen weights, reference,
-    reward model); `extra_bytes`: its other arguments; `chip`: a `roofline.Chip` for the estimate."""
+    reward model); `extra_bytes`: its other arguments; `chip`: a `roofline.Chip` for the estimate;
+    `trips`: the runs of loops whose count only the data decides (`time_report`)."""
     t0 = time.perf_counter()
     try:
         compiled = lowered_fn().compile()
@@ -119,17 +121,17 @@ def compile_report(lowered_fn, resident_bytes: int, extra_bytes: int, hbm_gib: f
         "total_gib": total / GIB, "hbm_gib": hbm_gib, "compile_s": compile_s,
     }
     report["fits"] = hbm_gib is None or report["total_gib"] <= hbm_gib
-    report.update(time_report(compiled.as_text(), chip))
+    report.update(time_report(compiled.as_text(), chip, trips))
     return report, compiled
 
 
-def time_report(hlo_text: str, chip) -> dict:
+def time_report(hlo_text: str, chip, trips: dict | None = None) -> dict:
     """Per-device FLOPs, HBM traffic and collectives of a compiled program, its loops (one trip each),
-    and the roofline estimate on `chip` (None: no estimate)."""
+    and the roofline estimate on `chip` (None: no estimate). `trips`: `rlhf_jax.plan.hlo.program_costs`'."""
     from rlhf_jax.plan.hlo import program_costs
     from rlhf_jax.plan.roofline import estimate
 
-    costs = program_costs(hlo_text)
+    costs = program_costs(hlo_text, trips)
     report = {"flops": costs.flops, "hbm_traffic_gib": costs.hbm_bytes / GIB, "comm_gib": costs.comm_bytes / GIB,
               "comm_gib_by_kind": {k: v / GIB for k, v in costs.comm_by_kind.items() if v},
               "loops": [{"op_name": loop["op_name"], "trips": loop["trips"], "flops": loop["flops"],
@@ -239,10 +241,12 @@ def engine_estimate(config, model_cfg, mesh, chip, mean_fraction: float, residen
 
 
 def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout", "update"),
-         measure: bool | None = None, engine_lengths: float = 0.0) -> dict:
+         measure: bool | None = None, engine_lengths: float = 0.0, pack_lengths: float = 1.0) -> dict:
     """Compile the rollout and the update of `config` (on `topology`, or the local devices) and
     report each (or those named in `only`); see the module docstring. `measure` (default: without
-    a topology): also run each on the local devices and report the median seconds."""
+    a topology): also run each on the local devices and report the median seconds. With
+    `train.pack_tokens`, the update runs the packed layout of responses of geometric lengths of mean
+    `pack_lengths` x `max_new_tokens` (1: every one at the budget)."""
     unknown = sorted(set(only) - {"rollout", "update"})
     if unknown or not only:
         raise PlanError(f"--only={','.join(only)}: name rollout and/or update")
@@ -270,8 +274,11 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
     validate_lengths(config, model_cfg.max_position_embeddings)
     validate_decode_layout(config, model_cfg, mesh)
     # No EOS: every row decodes to max_new_tokens, the length the estimate counts.
-    step = abstract_iteration(config, model_cfg, mesh, eos_ids=())
-    _, rollout, scores, _, _ = step.update_args
+    lengths = None
+    if config.train.pack_tokens and pack_lengths < 1:
+        lengths = geometric_lengths(config.train.rollout_batch_size, config.sampling.max_new_tokens, pack_lengths)
+    step = abstract_iteration(config, model_cfg, mesh, eos_ids=(), response_lengths=lengths)
+    rollout, scores = step.update_args[1:3]
     resident = per_device_bytes(step.resident)
     functions, compiled = {}, {}
     if "rollout" in only:
@@ -279,7 +286,16 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
             step.lower_rollout, resident, per_device_bytes(step.rollout_args[1:]), hbm, chip)
     if "update" in only:
         functions["update"], compiled["update"] = compile_report(
-            step.lower_update, resident, per_device_bytes((rollout, scores)), hbm, chip)
+            step.lower_update, resident, per_device_bytes((rollout, scores, step.update_args[5:])), hbm, chip,
+            step.update_trips)
+        if step.packing is not None:
+            from rlhf_jax.core.packing import packing_stats
+
+            functions["update"]["packing"] = {
+                "pack_tokens": config.train.pack_tokens, "micro_rows": config.train.micro_rows,
+                "response_lengths": ("all at the budget" if lengths is None else
+                                     f"geometric, mean {pack_lengths} x {config.sampling.max_new_tokens} (seed 0)"),
+                **packing_stats(step.packing)}
     counts = param_counts(step.rollout_args[0])
     n_params = sum(counts.values())
     devices = len(mesh.devices.flat)
@@ -291,6 +307,11 @@ def plan(config, topology: str | None = None, only: tuple[str, ...] = ("rollout"
     if "rollout" in functions and "error" not in functions["rollout"]:
         _rollout_details(functions["rollout"])
     model_flops = iteration_model_flops(config, model_cfg, counts)
+    if step.packing is not None and "update" in model_flops:
+        # The model FLOPs of the tokens the packed update trains on (those are for full-length rows).
+        padded = config.rl.num_ppo_epochs * config.train.rollout_batch_size * (
+            config.data.max_prompt_len + config.sampling.max_new_tokens)
+        model_flops["update"] *= functions["update"]["packing"]["real_tokens"] / padded
     for name, f in functions.items():
         if "est_s" in f:
             f["model_flops"] = model_flops[name]
@@ -348,8 +369,8 @@ def measured_seconds(step, compiled: dict, repeats: int = 3) -> dict:
         rollout_args = _concrete((step.rollout_args, step.rollout_kwargs))
         seconds["rollout"] = timed(compiled["rollout"], lambda: rollout_args)
     if compiled.get("update") is not None:
-        state, rollout, scores, frozen, reference = step.update_args
-        rest = _concrete((rollout, scores, frozen, reference))
+        state, rollout, scores, frozen, reference = step.update_args[:5]
+        rest = _concrete((rollout, scores, frozen, reference)) + ((step.packing,) if step.packing else ())
         seconds["update"] = timed(compiled["update"], lambda: ((_concrete(state), *rest), {}))
     return seconds
 
@@ -458,6 +479,12 @@ def format_table(result: dict) -> str:
             kinds = ", ".join(f"{k} {v:.3g}" for k, v in f["comm_gib_by_kind"].items())
             if kinds:
                 rows.append(f"{'':10s}collectives GiB: {kinds}")
+            if "packing" in f:
+                pk = f["packing"]
+                micro = f", micro-batches of {pk['micro_rows']} row(s) per device" if pk["micro_rows"] else ""
+                rows.append(f"{'':10s}packed rows of {pk['pack_tokens']} tokens ({pk['rows']} per forward{micro}), "
+                            f"responses {pk['response_lengths']}: {pk['real_fraction']:.0%} of the computed "
+                            "tokens are real")
             if "per_token_comm_mib" in f:
                 rows.append(f"{'':10s}decode loop, per token: {f['per_token_gflop']:.3g} GFLOP, "
                             f"{f['per_token_hbm_mib']:.4g} MiB HBM, {f['per_token_comm_mib']:.3g} MiB collectives; "
@@ -484,7 +511,7 @@ def _main(config):
     from absl import flags
     try:
         result = plan(config, flags.FLAGS.topology or None, tuple(flags.FLAGS.only), measure=flags.FLAGS.measure,
-                      engine_lengths=flags.FLAGS.engine_lengths)
+                      engine_lengths=flags.FLAGS.engine_lengths, pack_lengths=flags.FLAGS.pack_lengths)
     except PlanError as e:  # run_cli reports the config's and the model folder's errors alike
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -515,6 +542,9 @@ def run():
         flags.DEFINE_float("engine_lengths", 0.0, "Also estimate the continuous-batching engine's rollout for "
                                                   "geometric response lengths of this mean, as a fraction of "
                                                   "max_new_tokens (e.g. 0.25); 0: no.")
+        flags.DEFINE_float("pack_lengths", 1.0, "With train.pack_tokens: the update's packed layout holds "
+                                                "responses of geometric lengths of this mean, as a fraction of "
+                                                "max_new_tokens; 1: every one at the budget.")
 
     # As before this command line existed here, the planner runs in the process it was started in.
     run_cli(_main, "Path to a config file (a get_config() -> ConfigDict).", extra_flags, workdir=False, setup=False)

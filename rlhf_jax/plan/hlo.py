@@ -393,8 +393,10 @@ def _collective_bytes(inst: Instruction, kind: str, comp: Computation) -> float:
 
 
 def computation_costs(computations: dict[str, Computation], name: str, fused: bool = False,
-                      _memo: dict | None = None) -> Costs:
-    """Costs of one run of computation `name` (its loops counted by their trip counts)."""
+                      _memo: dict | None = None, trips: dict | None = None) -> Costs:
+    """Costs of one run of computation `name` (its loops counted by their trip counts; `trips`: for a
+    loop whose count is known only at run time, the count to take where its op name contains one of
+    the keys)."""
     memo = {} if _memo is None else _memo
     key = (name, fused)
     if key in memo:
@@ -409,24 +411,26 @@ def computation_costs(computations: dict[str, Computation], name: str, fused: bo
         if kind is not None:
             costs.comm_by_kind[kind] += _collective_bytes(inst, kind, comp)
         if op == "while":
-            trips = trip_count(computations, inst, comp)
-            if trips is None:
+            count = trip_count(computations, inst, comp)
+            op_name = re.search(r'op_name="([^"]*)"', inst.attrs)
+            if count is None:
+                count = next((n for key, n in (trips or {}).items() if op_name and key in op_name.group(1)), None)
+            if count is None:
                 costs.unknown_trip_counts += 1
             body = Costs()
             for called in _called(inst.attrs, "body") + _called(inst.attrs, "condition"):
-                body.add(computation_costs(computations, called, False, memo), 1.0)
-            costs.add(body, trips or 1)
-            op_name = re.search(r'op_name="([^"]*)"', inst.attrs)
+                body.add(computation_costs(computations, called, False, memo, trips), 1.0)
+            costs.add(body, 1 if count is None else count)
             # Loops inside a loop's body are in its costs and not listed: XLA makes many small ones
             # (a collective matmul's steps, say) that say nothing about the program's structure.
-            costs.loops.append({"op_name": op_name.group(1) if op_name else inst.name, "trips": trips,
+            costs.loops.append({"op_name": op_name.group(1) if op_name else inst.name, "trips": count,
                                 "flops": body.flops, "hbm_bytes": body.hbm_bytes, "comm_bytes": body.comm_bytes,
                                 "comm_by_kind": dict(body.comm_by_kind)})
             continue
         for key_name in ("calls", "branch_computations", "true_computation", "false_computation"):
             for called in _called(inst.attrs, key_name):
                 if called in computations:
-                    inner = computation_costs(computations, called, fused or op == "fusion", memo)
+                    inner = computation_costs(computations, called, fused or op == "fusion", memo, trips)
                     costs.add(inner, 1.0)
                     costs.loops.extend(inner.loops)
         if not fused:
@@ -463,7 +467,8 @@ def hbm_bytes(inst: Instruction, comp: Computation, computations: dict[str, Comp
     return sum(operand_hbm) + result
 
 
-def program_costs(hlo_text: str) -> Costs:
-    """The per-device costs of a compiled program (`compiled.as_text()`)."""
+def program_costs(hlo_text: str, trips: dict | None = None) -> Costs:
+    """The per-device costs of a compiled program (`compiled.as_text()`); `trips` as in
+    `computation_costs` (a count may be fractional: a mean over the loop's runs)."""
     computations, entry = parse_module(hlo_text)
-    return computation_costs(computations, entry)
+    return computation_costs(computations, entry, trips=trips)
