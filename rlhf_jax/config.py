@@ -119,6 +119,13 @@ def base_config() -> ml_collections.ConfigDict:
         cliprange_high=0.0, ratio_level="token", scale_rewards_by_std=True, mask_zero_std_groups=False,
         overlong_buffer=0, overlong_penalty=1.0))
 
+    # Offline preference optimisation on pairs (rlhf_jax.core.preference; the update:
+    # rlhf_jax.step.preference.make_preference_update): loss "sigmoid" (DPO; label_smoothing > 0:
+    # conservative DPO), "ipo", "simpo" (target margin gamma, no reference), "orpo" (orpo_lambda, no
+    # reference).
+    c.dpo = ml_collections.ConfigDict(dict(loss="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.5,
+                                           orpo_lambda=0.1))
+
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, schedule="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
         b1=0.9, b2=0.999, eps=1e-8))
@@ -248,6 +255,7 @@ def _parse(text: str, current, key: str):
 
 # The keys that take one of several values, and their lists (`rlhf_jax.options`).
 _CHOICES = {
+    "dpo.loss": options.PREFERENCE_LOSSES,
     "model.value_model": options.VALUE_MODELS,
     "model.dtype": options.DTYPES,
     "model.param_dtype": options.DTYPES,
@@ -298,6 +306,12 @@ def validate(config, num_devices: int = 1) -> None:
         _choice(config, key, choices)
     _positive(config, "seed", allow_zero=True)
     _positive(config, "checkpoint.max_to_keep")
+    _positive(config, "dpo.beta")
+    _positive(config, "dpo.gamma", allow_zero=True)
+    _positive(config, "dpo.orpo_lambda", allow_zero=True)
+    if not 0 <= config.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"config.dpo.label_smoothing = {config.dpo.label_smoothing}: must be in [0, 0.5) "
+                          "(the assumed chance that a pair's labels are flipped)")
     builtin = config.model.builtin
     if builtin.qk_norm and builtin.family != "llama":
         raise ConfigError("config.model.builtin.qk_norm = True needs config.model.builtin.family = 'llama' "

@@ -19,6 +19,7 @@ AGGREGATIONS = ("token", "sequence", "constant")  # "constant" (Dr. GRPO) only w
 RATIO_LEVELS = ("token", "sequence")
 SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 OLD_LOGPROBS = ("auto", "recompute", "sampler")
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")  # dpo.loss: DPO (cDPO), IPO, SimPO, ORPO
 
 REWARD_KINDS = ("function", "model")
 REWARD_NORMALIZATIONS = ("none", "reference", "running")

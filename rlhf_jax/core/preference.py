@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+from rlhf_jax.options import PREFERENCE_LOSSES
 
 
 def sequence_logps(token_logprobs, mask):
