@@ -1,4 +1,5 @@
-"""Supervised next-token training (the warm-up that makes an "original" model to start RL from)."""
+"""Supervised next-token training (the warm-up that makes an "original" model to start RL from), on
+padded rows or with several short examples packed into one row (`pack_examples`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from rlhf_jax.core.ops import token_logprobs
+from rlhf_jax.core.packing import next_tokens, pack
 
 
 def next_token_loss(graphdef, params, ids, mask):
@@ -21,6 +24,29 @@ def next_token_loss(graphdef, params, ids, mask):
     logits = model(ids, mask)["logits"][:, :-1]
     targets, target_mask = ids[:, 1:], (mask[:, 1:] * mask[:, :-1]).astype(bool)
     nll = -token_logprobs(logits, targets)
+    return jnp.sum(jnp.where(target_mask, nll, 0.0)) / jnp.maximum(target_mask.sum(), 1)
+
+
+def pack_examples(ids, mask, budget: int, pad_id: int = 0) -> dict:
+    """Examples (ids, mask: [n, seq], each example's real tokens contiguous) packed into rows of
+    `budget` tokens on the host (`rlhf_jax.core.packing.pack`): packed_ids and segment_ids [rows,
+    budget], targets (each token's successor in its own example) and target_mask (1 where there is
+    one). numpy int32 arrays, for `packed_next_token_loss`."""
+    layout = pack(ids, mask, budget, pad_id)
+    segments = layout.segment_ids
+    same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+    return {"packed_ids": layout.ids, "segment_ids": segments, "targets": next_tokens(layout.ids, segments, pad_id),
+            "target_mask": np.pad(same, ((0, 0), (0, 1))).astype(np.int32)}
+
+
+def packed_next_token_loss(graphdef, params, packed: dict):
+    """`next_token_loss` of the examples `pack_examples` packed: positions restart in each example and
+    attention stays inside it, so it equals the padded loss up to float rounding, computing only the
+    rows' tokens."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.backbone(packed["packed_ids"], None, segment_ids=packed["segment_ids"])
+    nll = -token_logprobs(model.logits(hidden), packed["targets"])
+    target_mask = packed["target_mask"].astype(bool)
     return jnp.sum(jnp.where(target_mask, nll, 0.0)) / jnp.maximum(target_mask.sum(), 1)
 
 

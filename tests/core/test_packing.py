@@ -88,3 +88,21 @@ def test_segment_ids_take_the_place_of_the_attention_mask():
     ids = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="segment_ids"):
         model.backbone(ids, jnp.ones_like(ids), segment_ids=jnp.ones_like(ids))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_packed_sft_loss_equals_the_padded_one(name):
+    from rlhf_jax.step.sft import next_token_loss, pack_examples, packed_next_token_loss
+
+    graphdef, params = nnx.split(CausalLM(CONFIGS[name], rngs=nnx.Rngs(0)))
+    ids, mask = _ragged(np.random.default_rng(3), n=8)
+    packed = pack_examples(ids, mask, budget=24)
+    assert len(packed["packed_ids"]) < len(ids)  # several examples a row
+    assert packed["target_mask"].sum() == (mask.sum(1) - 1).sum()  # every token but each example's first
+    padded = next_token_loss(graphdef, params, jnp.asarray(ids), jnp.asarray(mask))
+    grad = jax.grad(packed_next_token_loss, argnums=1)
+    loss = packed_next_token_loss(graphdef, params, packed)
+    assert float(loss) == pytest.approx(float(padded), rel=1e-6)
+    expected = jax.grad(next_token_loss, argnums=1)(graphdef, params, jnp.asarray(ids), jnp.asarray(mask))
+    for a, b in zip(jax.tree.leaves(grad(graphdef, params, packed)), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
