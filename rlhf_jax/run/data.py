@@ -115,6 +115,36 @@ def tokenize_prompts(prompts: list[str], tokenizer, max_len: int, truncation: st
     return ids, mask, texts, report
 
 
+def encode_preference_pairs(records: list[dict], tokenizer, max_prompt_len: int, max_response_len: int) -> dict:
+    """Preference pairs (dicts with prompt, chosen and rejected text) as the arrays of
+    `rlhf_jax.step.preference.make_preference_update`: prompt_ids and prompt_mask [n, max_prompt_len],
+    left-padded (a longer prompt keeps its last tokens, as `tokenize_prompts` does); chosen_ids,
+    chosen_mask, rejected_ids and rejected_mask [n, max_response_len], right-padded, each response cut
+    to max_response_len - 1 tokens and ended with EOS, as a sampled response ends. Raises ValueError
+    naming the pair whose prompt or response has no tokens."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    n = len(records)
+    out = {"prompt_ids": np.full((n, max_prompt_len), pad, np.int32),
+           "prompt_mask": np.zeros((n, max_prompt_len), np.int32)}
+    for name in ("chosen", "rejected"):
+        out[f"{name}_ids"] = np.full((n, max_response_len), pad, np.int32)
+        out[f"{name}_mask"] = np.zeros((n, max_response_len), np.int32)
+    for i, record in enumerate(records):
+        prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"][-max_prompt_len:]
+        if not prompt:
+            raise ValueError(f"preference pair {i}: its prompt has no tokens")
+        out["prompt_ids"][i, max_prompt_len - len(prompt):] = prompt
+        out["prompt_mask"][i, max_prompt_len - len(prompt):] = 1
+        for name in ("chosen", "rejected"):
+            response = tokenizer(record[name], add_special_tokens=False)["input_ids"]
+            if not response:
+                raise ValueError(f"preference pair {i}: its {name} response has no tokens")
+            ids = response[:max_response_len - 1] + [eos]
+            out[f"{name}_ids"][i, :len(ids)] = ids
+            out[f"{name}_mask"][i, :len(ids)] = 1
+    return out
+
+
 class PromptIterator:
     """Batches of prompt indices in a fresh shuffled order each epoch.
 

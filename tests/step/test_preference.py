@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rlhf_jax.run.data import encode_preference_pairs
 from rlhf_jax.step.preference import make_preference_update
+from rlhf_jax.tasks import reviews
 from tests import common
 
 
@@ -17,12 +19,12 @@ def _setup(tmp_path, loss):
     c = common.config(lora__enabled=True, lora__rank=4, dpo__loss=loss, dpo__beta=0.5, optim__learning_rate=1e-2)
     c.logging.progress = False
     trainer = RLTrainer(c, str(tmp_path))
-    rng = np.random.default_rng(0)
-    b, length = 4, 8
-    pairs = {"prompt_ids": trainer.prompt_ids[:b], "prompt_mask": trainer.prompt_mask[:b]}
-    for name in ("chosen", "rejected"):
-        pairs[f"{name}_ids"] = rng.integers(3, 60, (b, length)).astype(np.int32)
-        pairs[f"{name}_mask"] = (np.arange(length) < rng.integers(2, length + 1, (b, 1))).astype(np.int32)
+    # The built-in reviews task's pairs (chosen: the more positive continuation of one opening).
+    records = reviews.preference_pairs(4, seed=0)
+    pairs = encode_preference_pairs(records, trainer.tokenizer, c.data.max_prompt_len, c.sampling.max_new_tokens)
+    chosen = pairs["chosen_ids"][0][pairs["chosen_mask"][0] > 0]
+    assert chosen[-1] == trainer.tokenizer.eos_token_id
+    assert trainer.tokenizer.decode(chosen[:-1]).split() == records[0]["chosen"].split()[:len(chosen) - 1]
     pairs = {k: jnp.asarray(v) for k, v in pairs.items()}
     update = make_preference_update(c, policy_graphdef=trainer.policy_graphdef, ref_graphdef=trainer.ref_graphdef,
                                     optimizer=trainer.optimizer)
@@ -74,3 +76,8 @@ def test_orpo_needs_no_reference_and_is_its_formula(tmp_path):
     expected = -pc.sum() / lc.sum() - 0.1 * np.mean(-np.logaddexp(0.0, -log_odds))
     _, metrics = update(state, pairs, trainer.frozen)  # no reference
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+
+    records = reviews.preference_pairs(2, seed=1)
+    records[1]["rejected"] = ""
+    with pytest.raises(ValueError, match="preference pair 1: its rejected response has no tokens"):
+        encode_preference_pairs(records, trainer.tokenizer, 4, 8)
