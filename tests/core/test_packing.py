@@ -99,10 +99,11 @@ def test_packed_sft_loss_equals_the_padded_one(name):
     packed = pack_examples(ids, mask, budget=24)
     assert len(packed["packed_ids"]) < len(ids)  # several examples a row
     assert packed["target_mask"].sum() == (mask.sum(1) - 1).sum()  # every token but each example's first
-    padded = next_token_loss(graphdef, params, jnp.asarray(ids), jnp.asarray(mask))
-    grad = jax.grad(packed_next_token_loss, argnums=1)
-    loss = packed_next_token_loss(graphdef, params, packed)
+    # Jitted: run op by op, the backward of even this tiny model takes many seconds.
+    padded_fn = jax.jit(jax.value_and_grad(next_token_loss, argnums=1), static_argnums=0)
+    packed_fn = jax.jit(jax.value_and_grad(packed_next_token_loss, argnums=1), static_argnums=0)
+    padded, expected = padded_fn(graphdef, params, jnp.asarray(ids), jnp.asarray(mask))
+    loss, grads = packed_fn(graphdef, params, packed)
     assert float(loss) == pytest.approx(float(padded), rel=1e-6)
-    expected = jax.grad(next_token_loss, argnums=1)(graphdef, params, jnp.asarray(ids), jnp.asarray(mask))
-    for a, b in zip(jax.tree.leaves(grad(graphdef, params, packed)), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, atol=1e-6)
