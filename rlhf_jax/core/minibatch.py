@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.core.packing import MICRO_LOSS_SCOPE
+from rlhf_jax.core.packing import MICRO_LOSS_SCOPE, sum_micro_batches
 
 
 def minibatch_orders(key, batch_size: int, num_epochs: int, num_minibatches: int, group: int = 1):
@@ -56,31 +56,16 @@ def ppo_update(params, opt_state, batch: dict, key, *, loss_fn: Callable, optimi
         raise ValueError(f"batch of {batch_size} does not split into {num_minibatches} minibatches")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def accumulated_grads(params, minibatch, micro):
-        steps = micro.pop("micro_steps")
-
-        def one(k, total):
-            own = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, keepdims=False), micro)
-            if shard_minibatch is not None:
-                own = jax.tree.map(shard_minibatch, own)
-            return jax.tree.map(jnp.add, total, grad_fn(params, {**minibatch, **own}))
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(grad_fn, params, {**minibatch, **first}))
-        # A loop of the minibatch's own length: the micro-batches it does not fill never run.
-        with jax.named_scope(MICRO_LOSS_SCOPE):
-            return jax.lax.fori_loop(0, steps, one, zeros)
-
     def minibatch_step(carry, step):
         params, opt_state = carry
         indices, own = step
-        micro = dict(own) if "micro_steps" in own else None
+        micro = "micro_steps" in own  # then `own` holds each micro-batch's entries
         minibatch = {**jax.tree.map(lambda x: x[indices], batch), **({} if micro else own)}
         if shard_minibatch is not None:
             minibatch = jax.tree.map(shard_minibatch, minibatch)
         if micro:
-            (loss, stats), grads = accumulated_grads(params, minibatch, micro)
+            (loss, stats), grads = sum_micro_batches(lambda part: grad_fn(params, {**minibatch, **part}), own,
+                                                     MICRO_LOSS_SCOPE, shard_minibatch)
         else:
             (loss, stats), grads = grad_fn(params, minibatch)
         if axis_name is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -105,12 +106,19 @@ def unpack(packed, index, fill=0):
     return jnp.where(valid, taken, fill)
 
 
+def has_successor(segment_ids):
+    """bool[rows, budget]: whether each packed token has a successor in its own segment."""
+    segment_ids = np.asarray(segment_ids)
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    return np.pad(same, ((0, 0), (0, 1)))
+
+
 def next_tokens(ids, segment_ids, pad_id: int = 0):
     """Each packed token's successor in its own segment (`pad_id` at a segment's last token and on the
     tail): the targets a head's log-probs at each packed position are taken of."""
-    ids, segment_ids = np.asarray(ids), np.asarray(segment_ids)
-    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-    return np.pad(np.where(same, ids[:, 1:], pad_id), ((0, 0), (0, 1)), constant_values=pad_id).astype(np.int32)
+    ids = np.asarray(ids)
+    successors = np.pad(ids[:, 1:], ((0, 0), (0, 1)), constant_values=pad_id)
+    return np.where(has_successor(segment_ids), successors, pad_id).astype(np.int32)
 
 
 def bucket_rows(needed: int, rows: int, unit: int = 1, buckets: int = 8) -> int:
@@ -151,48 +159,59 @@ def minibatch_layouts(prompt_ids, prompt_mask, response_ids, response_mask, orde
     epochs, minibatches, rows = orders.shape
     layouts = [[pack(ids[order], mask[order], budget, pad_id) for order in epoch] for epoch in orders]
     needed = max(len(layout.rows) for epoch in layouts for layout in epoch)
-    if micro_rows:
-        per_micro = micro_rows * unit
-        ceil = lambda a, b: -(-a // b)
-        micros = bucket_rows(ceil(needed, per_micro), ceil(rows, per_micro))
-        packed_rows, lead = per_micro, (epochs, minibatches, micros)
-    else:
-        packed_rows, lead = bucket_rows(needed, rows, unit), (epochs, minibatches)
-    shape = lead + (packed_rows, budget)
+    # Without micro-batches, a minibatch is one micro-batch of the bucketed row count (its axis dropped
+    # at the end).
+    ceil = lambda a, b: -(-a // b)
+    per_micro = micro_rows * unit if micro_rows else bucket_rows(needed, rows, unit)
+    micros = bucket_rows(ceil(needed, per_micro), ceil(rows, per_micro)) if micro_rows else 1
+    lead = (epochs, minibatches, micros)
+    shape = lead + (per_micro, budget)
     out = {"packed_ids": np.full(shape, pad_id, np.int32), "segment_ids": np.zeros(shape, np.int32),
-           "targets": np.full(shape, pad_id, np.int32), "gather": np.full(lead + (rows, response_len), -1, np.int32)}
-    if micro_rows:
-        out["micro_steps"] = np.zeros((epochs, minibatches), np.int32)
+           "targets": np.full(shape, pad_id, np.int32), "gather": np.full(lead + (rows, response_len), -1, np.int32),
+           "micro_steps": np.zeros((epochs, minibatches), np.int32)}
     for e, epoch in enumerate(layouts):
         for m, layout in enumerate(epoch):
             # The rows after the used ones stay empty: pads, segment 0.
-            ids_, segments = layout.ids, layout.segment_ids
-            targets = next_tokens(ids_, segments, pad_id)
+            targets = next_tokens(layout.ids, layout.segment_ids, pad_id)
             predicting = layout.index[:, prompt_len - 1:prompt_len - 1 + response_len]
             predicting = np.where(response_mask[orders[e, m]], predicting, -1)
-            if not micro_rows:
-                used = len(layout.rows)
-                out["packed_ids"][e, m, :used], out["segment_ids"][e, m, :used] = ids_, segments
-                out["targets"][e, m, :used] = targets
-                out["gather"][e, m] = predicting
-                continue
-            steps = -(-len(layout.rows) // packed_rows)
-            out["micro_steps"][e, m] = steps
             row_of = predicting // budget  # each response token's packed row (-1 // budget stays negative)
+            steps = ceil(len(layout.rows), per_micro)
+            out["micro_steps"][e, m] = steps
             for k in range(steps):
-                first, last = k * packed_rows, min((k + 1) * packed_rows, len(layout.rows))
-                used = last - first
-                out["packed_ids"][e, m, k, :used] = ids_[first:last]
-                out["segment_ids"][e, m, k, :used] = segments[first:last]
-                out["targets"][e, m, k, :used] = targets[first:last]
+                first, last = k * per_micro, min((k + 1) * per_micro, len(layout.rows))
+                out["packed_ids"][e, m, k, :last - first] = layout.ids[first:last]
+                out["segment_ids"][e, m, k, :last - first] = layout.segment_ids[first:last]
+                out["targets"][e, m, k, :last - first] = targets[first:last]
                 held = (row_of >= first) & (row_of < last)
                 out["gather"][e, m, k] = np.where(held, predicting - first * budget, -1)
+    if not micro_rows:
+        out = {name: array[:, :, 0] for name, array in out.items() if name != "micro_steps"}
     return out
 
 
 # The named scopes of the micro-batch loops (the update's, `rlhf_jax.core.minibatch.ppo_update`, and
 # its scoring pass's, `rlhf_jax.step.forward.TrainingForward.score`), by which an HLO reader finds them.
 MICRO_LOSS_SCOPE, MICRO_SCORE_SCOPE = "micro_loss", "micro_score"
+
+
+def sum_micro_batches(fn, micro: dict, scope: str, constrain=None):
+    """The sum of `fn(own)` (a pytree of arrays) over a minibatch's micro-batches: `micro` holds
+    `micro_steps` (how many it fills; they come first) and arrays with a leading micro-batch axis, of
+    which `own` is one micro-batch's entries (each passed through `constrain`, if given). A loop of the
+    minibatch's own length under the named `scope`: the micro-batches it does not fill never run."""
+    micro = dict(micro)
+    steps = micro.pop("micro_steps")
+    constrain = constrain or (lambda x: x)
+
+    def add(k, total):
+        own = jax.tree.map(lambda x: constrain(jax.lax.dynamic_index_in_dim(x, k, keepdims=False)), micro)
+        return jax.tree.map(jnp.add, total, fn(own))
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
+    with jax.named_scope(scope):
+        return jax.lax.fori_loop(0, steps, add, zeros)
 
 
 def micro_trips(layouts: dict) -> dict | None:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.core.losses import lm_token_stats
-from rlhf_jax.core.packing import MICRO_SCORE_SCOPE, unpack
+from rlhf_jax.core.packing import MICRO_SCORE_SCOPE, sum_micro_batches, unpack
 from rlhf_jax.models.transformer import Pins
 from rlhf_jax.models.tree import cast_floats
 from rlhf_jax.parallel.attention import make_attend
@@ -121,22 +121,12 @@ class TrainingForward:
         def one(step):
             indices, own = step
             if "micro_steps" in own:
-                return micro_batches(shard(jax.tree.map(lambda x: x[indices], batch)), dict(own))
+                # Each sample's tokens are in one micro-batch and the others' `gather` fills 0 there:
+                # the sum over the micro-batches a minibatch fills is each token's value, bit for bit.
+                mb = shard(jax.tree.map(lambda x: x[indices], batch))
+                return sum_micro_batches(lambda micro: scored({**mb, **micro}), own, MICRO_SCORE_SCOPE,
+                                         self.shard_batch)
             return scored(shard({**jax.tree.map(lambda x: x[indices], batch), **own}))
-
-        def micro_batches(mb, micro):
-            # Each sample's tokens are in one micro-batch and the others' `gather` fills 0 there:
-            # the sum over the micro-batches a minibatch fills is each token's value, bit for bit.
-            steps = micro.pop("micro_steps")
-
-            def add(k, total):
-                own = shard(jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, keepdims=False), micro))
-                return jax.tree.map(jnp.add, total, scored({**mb, **own}))
-
-            first = jax.tree.map(lambda x: x[0], micro)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(scored, {**mb, **first}))
-            with jax.named_scope(MICRO_SCORE_SCOPE):
-                return jax.lax.fori_loop(0, steps, add, zeros)
 
         def scored(mb):
             out = {}

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax.core.ops import token_logprobs
-from rlhf_jax.core.packing import next_tokens, pack
+from rlhf_jax.core.packing import has_successor, next_tokens, pack
 
 
 def next_token_loss(graphdef, params, ids, mask):
@@ -34,9 +34,8 @@ def pack_examples(ids, mask, budget: int, pad_id: int = 0) -> dict:
     one). numpy int32 arrays, for `packed_next_token_loss`."""
     layout = pack(ids, mask, budget, pad_id)
     segments = layout.segment_ids
-    same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
     return {"packed_ids": layout.ids, "segment_ids": segments, "targets": next_tokens(layout.ids, segments, pad_id),
-            "target_mask": np.pad(same, ((0, 0), (0, 1))).astype(np.int32)}
+            "target_mask": has_successor(segments).astype(np.int32)}
 
 
 def packed_next_token_loss(graphdef, params, packed: dict):
